@@ -1,0 +1,20 @@
+# Two commands do all the set-up: `make run` and `make test` each create and
+# fill the virtual environment .venv on first use (and again when pyproject.toml changes).
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(PYTHON) examples/slot_attention_demo.py $(ARGS)
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,162 @@
+"""Weight converters between slotjax (Flax NNX) and torch_reference (PyTorch).
+
+The two packages use the same module and parameter names, so a parameter's
+torch name is its Flax path with the leaf renamed, and its torch value is its
+Flax value with the axes permuted. `LEAF_TABLE` below is the whole mapping;
+`PARENT_RENAMES` covers torch.nn.GRUCell, whose parameters have torch's own
+names. Round trips are bit-identical in both directions (only transposes).
+
+State dicts here are plain `{name: numpy array}` mappings, so torch is needed
+only to load or save `.pt` files; safetensors files are the default format.
+
+Command line (training checkpoint <-> torch_reference weights):
+    python -m slotjax.convert --workdir=RUN_DIR --output=model.safetensors
+    python -m slotjax.convert --input=model.safetensors --workdir=RUN_DIR --output=converted
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from slotjax import modules
+
+# (Flax module type, Flax leaf) -> (torch leaf, axis order turning the Flax array into torch's).
+LEAF_TABLE: dict[tuple[type, str], tuple[str, tuple[int, ...] | None]] = {
+    (nnx.Linear, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
+    (nnx.Linear, "bias"): ("bias", None),
+    (nnx.LayerNorm, "scale"): ("weight", None),
+    (nnx.LayerNorm, "bias"): ("bias", None),
+}
+
+# Parent module type -> {Flax "child.leaf": torch leaf}: torch.nn.GRUCell's names.
+PARENT_RENAMES: dict[type, dict[str, str]] = {
+    modules.GRUCell: {
+        "input_dense.kernel": "weight_ih",
+        "input_dense.bias": "bias_ih",
+        "hidden_dense.kernel": "weight_hh",
+        "hidden_dense.bias": "bias_hh",
+    },
+}
+
+
+class ConversionError(ValueError):
+    """Weights that do not fit the model they are loaded into."""
+
+
+def _child(node, key):
+    return node[key] if isinstance(key, int) else getattr(node, key)
+
+
+def _plan(module: nnx.Module) -> dict[str, tuple[tuple, tuple[int, ...] | None]]:
+    """torch name -> (Flax path, axis order Flax -> torch) for every parameter of `module`."""
+    plan = {}
+    for path, _ in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        owners = [module]
+        for key in path[:-1]:
+            owners.append(_child(owners[-1], key))
+        leaf, owner = path[-1], owners[-1]
+        torch_path = [str(key) for key in path]
+        order = None
+        rule = LEAF_TABLE.get((type(owner), leaf))
+        if rule is not None:
+            torch_path[-1], order = rule
+        elif type(owner).__module__.startswith("flax."):
+            raise ConversionError(f"No conversion rule for {type(owner).__name__}.{leaf} at {_dotted(path)}.")
+        # else: a parameter of our own (e.g. slots_mu), same name and layout on both sides.
+        if len(path) > 1 and (renamed := PARENT_RENAMES.get(type(owners[-2]), {}).get(f"{path[-2]}.{leaf}")):
+            torch_path[-2:] = [renamed]
+        plan[".".join(torch_path)] = (path, order)
+    return plan
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(key) for key in path)
+
+
+def flax_to_torch(module: nnx.Module) -> dict[str, np.ndarray]:
+    """The `torch_reference` state dict (as numpy arrays) of a slotjax module."""
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    state_dict = {}
+    for torch_name, (path, order) in _plan(module).items():
+        value = np.asarray(params[path][...])
+        state_dict[torch_name] = np.array(value if order is None else value.transpose(order), order="C")
+    return state_dict
+
+
+def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.Module:
+    """Loads a `torch_reference` state dict (torch tensors or arrays) into `module`, in place.
+
+    Refuses missing, unexpected or misshapen parameters, naming each one.
+    """
+    plan = _plan(module)
+    missing = sorted(set(plan) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(plan))
+    if missing or unexpected:
+        raise ConversionError(
+            f"The weights do not belong to this {type(module).__name__}: missing {missing or 'none'}, "
+            f"unexpected {unexpected or 'none'}. Build the model with the configuration the weights were trained with."
+        )
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    converted = {}  # everything is checked before anything is written
+    for torch_name, (path, order) in plan.items():
+        value = _to_numpy(state_dict[torch_name])
+        expected = _expected_torch_shape(params[path].shape, order)
+        if value.shape != expected:
+            raise ConversionError(
+                f"Parameter {torch_name!r} (Flax {_dotted(path)}) has shape {value.shape} in the weights "
+                f"but the model expects {expected}. Build the model with the configuration the weights were trained with."
+            )
+        converted[path] = value if order is None else value.transpose(np.argsort(order))
+    for path, value in converted.items():
+        params[path][...] = np.asarray(value, dtype=params[path].dtype)
+    return module
+
+
+def _expected_torch_shape(flax_shape, order) -> tuple[int, ...]:
+    return tuple(flax_shape) if order is None else tuple(flax_shape[axis] for axis in order)
+
+
+def _to_numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def save_weights(module: nnx.Module, path: str | os.PathLike) -> None:
+    """Writes the module's torch-layout weights to `path` (.safetensors, or .pt), atomically."""
+    state_dict = flax_to_torch(module)
+    path = os.fspath(path)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    if path.endswith(".pt"):
+        import torch
+
+        torch.save({name: torch.tensor(value) for name, value in state_dict.items()}, temporary)
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(state_dict, temporary)
+    os.replace(temporary, path)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads a torch-layout state dict from .safetensors or .pt without executing code from the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No weights file at {path!r}.")
+    try:
+        if path.endswith((".pt", ".pth")):
+            import torch
+
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+            loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+            return {name: _to_numpy(value) for name, value in loaded.items()}
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    except Exception as error:  # truncated, altered or foreign files
+        raise ConversionError(f"Could not read weights from {path!r}: {error}. Is the file complete?") from error
+

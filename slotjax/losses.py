@@ -1,0 +1,84 @@
+"""Training losses: Hungarian-matched Huber loss (set prediction) and MSE.
+
+The set-prediction loss matches predicted slots to target objects with the
+Hungarian algorithm (`optax.assignment.hungarian_algorithm`, vmapped over the
+batch), entirely on device and jit-able.  Gradients flow through the matched
+costs only; the assignment itself is treated as a constant.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def pairwise_huber_cost(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Huber (delta 1) cost between every target and every prediction.
+
+    Args:
+      predictions: [B, K, D].
+      targets: [B, M, D].
+
+    Returns:
+      [B, M, K]: cost[b, i, j] = mean over D of Huber(targets[b, i] - predictions[b, j]).
+    """
+    differences = targets[:, :, None, :] - predictions[:, None, :, :]  # [B, M, K, D]
+    return optax.losses.huber_loss(differences, delta=1.0).mean(axis=-1)
+
+
+@jax.jit
+def optimal_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Minimum-cost assignment per image, rows sorted ascending.
+
+    Args:
+      cost: [B, R, C] cost matrices.
+
+    Returns:
+      (row_indices, col_indices), each int [B, min(R, C)]: row row_indices[b, n]
+      is assigned to column col_indices[b, n].  For R <= C, row_indices[b] is
+      arange(R).
+    """
+    rows, cols = jax.vmap(optax.assignment.hungarian_algorithm)(cost)  # [B, min(R, C)]
+    order = jnp.argsort(rows, axis=1)
+    return jnp.take_along_axis(rows, order, 1), jnp.take_along_axis(cols, order, 1)
+
+
+def hungarian_matching(
+    predictions: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Matching used by `hungarian_huber_loss` (e.g. for visualisation).
+
+    Args:
+      predictions: [B, K, D].
+      targets: [B, M, D].
+
+    Returns:
+      (target_indices, prediction_indices), each int [B, min(M, K)]: target
+      target_indices[b, n] is matched to prediction prediction_indices[b, n].
+      For M <= K, prediction_indices[b, i] is the prediction matched to target i.
+    """
+    cost = jax.lax.stop_gradient(pairwise_huber_cost(predictions, targets))
+    return optimal_assignment(cost)
+
+
+def hungarian_huber_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Set loss: matched Huber costs summed per image, averaged over the batch.
+
+    Args:
+      predictions: [B, K, D] predicted objects.
+      targets: [B, M, D] target objects; padding rows are matched too.
+
+    Returns:
+      Scalar loss.
+    """
+    cost = pairwise_huber_cost(predictions, targets)  # [B, M, K]
+    target_indices, prediction_indices = optimal_assignment(jax.lax.stop_gradient(cost))
+    batch_indices = jnp.arange(cost.shape[0])[:, None]
+    matched_costs = cost[batch_indices, target_indices, prediction_indices]  # [B, min(M, K)]
+    return matched_costs.sum(axis=1).mean()
+
+
+def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean squared error over all elements (e.g. B x H x W x C)."""
+    return jnp.mean(jnp.square(predictions - targets))

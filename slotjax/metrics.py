@@ -1,0 +1,271 @@
+"""Evaluation metrics: (foreground) adjusted Rand index and set-prediction AP.
+
+ARI / FG-ARI (object discovery) are computed in JAX, batched and jit-able,
+from one-hot contingency tables.  Conventions (scikit-learn's
+`adjusted_rand_score` is the reference):
+
+* The score is 1.0 whenever the two clusterings agree on every pair of
+  pixels, which covers identical labellings up to a permutation of ids, both
+  labellings being a single cluster, and images with a single counted pixel.
+* An image with no counted pixel at all (for FG-ARI: no foreground pixel)
+  has no defined score and gets NaN.  Average with `mean_over_valid_images`,
+  which skips those images (or `jnp.nanmean` on concatenated scores).
+
+Average precision (set prediction) follows the official CLEVR evaluation
+(SPEC section 3) and runs on the host in NumPy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Adjusted Rand index.
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit, static_argnames=("num_true_ids", "num_pred_ids", "ignore_background")
+)
+def adjusted_rand_index(
+    true_ids: jax.Array,
+    pred_ids: jax.Array,
+    num_true_ids: int,
+    num_pred_ids: int,
+    ignore_background: bool = False,
+) -> jax.Array:
+    """Adjusted Rand index per image.
+
+    Args:
+      true_ids: int [B, ...], ground-truth entity id of every pixel, in
+        [0, num_true_ids); 0 is the background.
+      pred_ids: int [B, ...] (same shape), predicted cluster (slot) of every
+        pixel, in [0, num_pred_ids).
+      num_true_ids: static number of possible ground-truth ids.
+      num_pred_ids: static number of possible predicted ids (slots).
+      ignore_background: if True, pixels whose true id is 0 are ignored
+        (FG-ARI).
+
+    Returns:
+      float32 [B]: ARI per image; NaN for an image with no counted pixel.
+    """
+    batch_size = true_ids.shape[0]
+    true_ids = true_ids.reshape(batch_size, -1)  # [B, N]
+    pred_ids = pred_ids.reshape(batch_size, -1)  # [B, N]
+    true_onehot = jax.nn.one_hot(true_ids, num_true_ids)  # [B, N, T]
+    if ignore_background:
+        true_onehot = true_onehot[..., 1:]  # background pixels become all-zero rows
+    pred_onehot = jax.nn.one_hot(pred_ids, num_pred_ids)  # [B, N, P]
+
+    contingency = jnp.einsum("bnt,bnp->btp", true_onehot, pred_onehot)  # [B, T, P]
+    true_sizes = contingency.sum(axis=2)  # [B, T]
+    pred_sizes = contingency.sum(axis=1)  # [B, P]
+    num_pixels = true_sizes.sum(axis=1)  # [B]
+
+    # Ordered pairs of distinct pixels in the same cluster, in both / each labelling.
+    pairs_together_in_both = jnp.sum(contingency * (contingency - 1), axis=(1, 2))
+    pairs_together_in_true = jnp.sum(true_sizes * (true_sizes - 1), axis=1)
+    pairs_together_in_pred = jnp.sum(pred_sizes * (pred_sizes - 1), axis=1)
+    num_pairs = num_pixels * (num_pixels - 1)
+
+    expected_index = (
+        pairs_together_in_true * pairs_together_in_pred / jnp.maximum(num_pairs, 1)
+    )
+    max_index = (pairs_together_in_true + pairs_together_in_pred) / 2
+    denominator = max_index - expected_index
+    # Every pair treated alike by both labellings; the only case where the
+    # denominator can be 0 (sklearn returns 1.0 there).
+    full_agreement = (pairs_together_in_both == pairs_together_in_true) & (
+        pairs_together_in_both == pairs_together_in_pred
+    )
+    ari_values = (pairs_together_in_both - expected_index) / jnp.where(
+        full_agreement, 1.0, denominator
+    )
+    ari_values = jnp.where(full_agreement, 1.0, ari_values)
+    return jnp.where(num_pixels > 0, ari_values, jnp.nan)
+
+
+def ari(
+    true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int
+) -> jax.Array:
+    """ARI over all pixels, per image [B] (see `adjusted_rand_index`)."""
+    return adjusted_rand_index(true_ids, pred_ids, num_true_ids, num_pred_ids)
+
+
+def fg_ari(
+    true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int
+) -> jax.Array:
+    """Foreground ARI (true id 0 ignored), per image [B]; NaN without foreground."""
+    return adjusted_rand_index(
+        true_ids, pred_ids, num_true_ids, num_pred_ids, ignore_background=True
+    )
+
+
+def masks_to_ids(masks: jax.Array) -> jax.Array:
+    """Slot masks [B, K, H, W, 1] -> int [B, H, W], the argmax slot per pixel."""
+    return jnp.argmax(masks[..., 0], axis=1)
+
+
+def ari_from_masks(
+    segmentation: jax.Array, masks: jax.Array, num_entities: int
+) -> jax.Array:
+    """ARI per image [B] of the model masks against the ground truth.
+
+    Args:
+      segmentation: int [B, H, W], entity id per pixel in [0, num_entities).
+      masks: [B, K, H, W, 1], per-slot masks (softmax over slots).
+      num_entities: static number of ground-truth ids, background included.
+    """
+    return ari(segmentation, masks_to_ids(masks), num_entities, masks.shape[1])
+
+
+def fg_ari_from_masks(
+    segmentation: jax.Array, masks: jax.Array, num_entities: int
+) -> jax.Array:
+    """FG-ARI per image [B] of the model masks; arguments as `ari_from_masks`."""
+    return fg_ari(segmentation, masks_to_ids(masks), num_entities, masks.shape[1])
+
+
+def mean_over_valid_images(scores: jax.Array) -> jax.Array:
+    """Mean of per-image scores [B], skipping NaN (undefined) images."""
+    return jnp.nanmean(scores)
+
+
+# ---------------------------------------------------------------------------
+# Set prediction: average precision at a distance threshold.
+# ---------------------------------------------------------------------------
+
+# Distance thresholds in scene units; None means no threshold.
+AP_THRESHOLDS = (None, 1.0, 0.5, 0.25, 0.125)
+
+# Slices of the 19-value object encoding (SPEC section 3).
+_COORDS = slice(0, 3)
+_ATTRIBUTE_SLICES = (slice(3, 5), slice(5, 7), slice(7, 10), slice(10, 18))
+_PRESENT = 18
+_COORD_SCALE = 6.0  # encoded coordinates * 6 = scene units
+
+
+def ap_metric_name(distance_threshold: float | None) -> str:
+    """Metric name for a threshold: None -> 'ap_inf', 0.5 -> 'ap_0.5'."""
+    return "ap_inf" if distance_threshold is None else f"ap_{distance_threshold:g}"
+
+
+def _decode_attributes(objects: np.ndarray) -> np.ndarray:
+    """[..., 19] -> int [..., 4]: size, material, shape, colour class indices."""
+    return np.stack([objects[..., s].argmax(axis=-1) for s in _ATTRIBUTE_SLICES], -1)
+
+
+def _nearest_matching_targets(
+    predictions: np.ndarray, targets: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranks all predictions and finds each one's nearest same-attribute target.
+
+    Returns, for the predictions sorted by descending present score (ties keep
+    the image-major, slot order), three arrays of length B*K: image index;
+    index of the nearest real target of that image with equal attributes (-1
+    if none; first index wins distance ties); its distance in scene units
+    (inf if none).
+    """
+    batch_size, num_slots, _ = predictions.shape
+    # Pairwise [B, K, M] attribute agreement and distance.
+    same_attributes = np.all(
+        _decode_attributes(predictions)[:, :, None] == _decode_attributes(targets)[:, None],
+        axis=-1,
+    )
+    is_real_target = targets[:, None, :, _PRESENT] > 0.5  # [B, 1, M]
+    offsets = targets[:, None, :, _COORDS] - predictions[:, :, None, _COORDS]
+    distances = np.linalg.norm(offsets * _COORD_SCALE, axis=-1)  # [B, K, M]
+    distances = np.where(same_attributes & is_real_target, distances, np.inf)
+
+    nearest = distances.argmin(axis=-1)  # [B, K]
+    nearest_distance = np.take_along_axis(distances, nearest[..., None], -1)[..., 0]
+    nearest = np.where(np.isfinite(nearest_distance), nearest, -1)
+
+    order = np.argsort(-predictions[:, :, _PRESENT].reshape(-1), kind="stable")
+    image_index = np.repeat(np.arange(batch_size), num_slots)
+    return (
+        image_index[order],
+        nearest.reshape(-1)[order],
+        nearest_distance.reshape(-1)[order],
+    )
+
+
+def _voc_average_precision(is_true_positive: np.ndarray, num_targets: int) -> float:
+    """All-point interpolated AP of a ranked list of TP (True) / FP (False)."""
+    cumulative_tp = np.cumsum(is_true_positive)
+    cumulative_fp = np.cumsum(~is_true_positive)
+    recall = np.concatenate([[0.0], cumulative_tp / num_targets, [1.0]])
+    precision = np.concatenate([[0.0], cumulative_tp / (cumulative_tp + cumulative_fp), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # monotone from the right
+    steps = np.flatnonzero(recall[1:] != recall[:-1])
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def _true_positives(
+    image_index: np.ndarray,
+    nearest: np.ndarray,
+    nearest_distance: np.ndarray,
+    distance_threshold: float | None,
+) -> np.ndarray:
+    """bool [B*K], ranked: which predictions are true positives at a threshold.
+
+    A prediction is a candidate if it has a nearest matching target within
+    the threshold; it is a true positive if no higher-ranked candidate has
+    already claimed that same target.
+    """
+    threshold = np.inf if distance_threshold is None else distance_threshold
+    candidate_ranks = np.flatnonzero((nearest >= 0) & (nearest_distance < threshold))
+    claimed_targets = np.stack([image_index, nearest], axis=1)[candidate_ranks]
+    _, first_claims = np.unique(claimed_targets, axis=0, return_index=True)
+    is_true_positive = np.zeros(len(nearest), dtype=bool)
+    is_true_positive[candidate_ranks[first_claims]] = True
+    return is_true_positive
+
+
+def average_precision(
+    predictions: np.ndarray, targets: np.ndarray, distance_threshold: float | None
+) -> float:
+    """CLEVR set-prediction average precision at one distance threshold.
+
+    Args:
+      predictions: [B, K, 19] predicted objects (SPEC section 3 encoding);
+        index 18 is the confidence used for ranking.
+      targets: [B, M, 19] target objects; rows with target[..., 18] == 0 are
+        padding.
+      distance_threshold: maximum distance in scene units (exclusive), or None
+        for no distance constraint.
+
+    Returns:
+      AP in [0, 1]; NaN if there is no real target.
+    """
+    return average_precision_at_thresholds(predictions, targets, (distance_threshold,))[
+        ap_metric_name(distance_threshold)
+    ]
+
+
+def average_precision_at_thresholds(
+    predictions: np.ndarray,
+    targets: np.ndarray,
+    distance_thresholds=AP_THRESHOLDS,
+) -> dict[str, float]:
+    """AP at several thresholds: {'ap_inf': ..., 'ap_1': ..., ...}.
+
+    Arrays as in `average_precision`; the matching is computed once.
+    """
+    predictions = np.asarray(predictions, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    num_targets = int(np.sum(targets[..., _PRESENT] > 0.5))
+    ranked_matches = _nearest_matching_targets(predictions, targets)
+    results = {}
+    for threshold in distance_thresholds:
+        name = ap_metric_name(threshold)
+        if num_targets == 0:
+            results[name] = float("nan")
+        else:
+            is_true_positive = _true_positives(*ranked_matches, threshold)
+            results[name] = _voc_average_precision(is_true_positive, num_targets)
+    return results

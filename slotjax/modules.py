@@ -1,0 +1,182 @@
+"""Building blocks of the Slot Attention models, in Flax NNX.
+
+Every module here has a twin of the same name in `torch_reference/modules.py`
+with parameters of the same names (up to the layout conventions handled by
+`slotjax.convert`). Initialisers follow the official TensorFlow/Keras code:
+glorot-uniform kernels, zero biases, orthogonal recurrent kernel in the GRU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Keras' LayerNormalization default, used by the official code. Flax (1e-6) and
+# torch (1e-5) default to other values; one value is used on both sides.
+LAYER_NORM_EPSILON = 1e-3
+ATTENTION_EPSILON = 1e-8
+
+glorot_uniform = nnx.initializers.xavier_uniform()
+
+
+def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    """A Keras-initialised Dense layer (glorot-uniform kernel, zero bias)."""
+    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=glorot_uniform, rngs=rngs)
+
+
+def layer_norm(num_features: int, epsilon: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(num_features, epsilon=epsilon, rngs=rngs)
+
+
+class MLP(nnx.Module):
+    """Dense(hidden, relu) -> Dense(out)."""
+
+    def __init__(self, in_features: int, hidden_size: int, out_features: int, *, rngs: nnx.Rngs):
+        self.hidden = dense(in_features, hidden_size, rngs)
+        self.output = dense(hidden_size, out_features, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.output(jax.nn.relu(self.hidden(x)))
+
+
+class GRUCell(nnx.Module):
+    """GRU cell with one bias on each side, gates ordered [reset, update, new].
+
+    This is Keras' `GRUCell(reset_after=True)` (the official code) and
+    `torch.nn.GRUCell`, parameter for parameter. Flax's own GRUCell folds the
+    reset/update biases of both sides into one, which would make a
+    torch -> Flax conversion lossy; this one converts exactly both ways.
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs):
+        self.hidden_size = hidden_size
+        self.input_dense = dense(in_features, 3 * hidden_size, rngs)
+        self.hidden_dense = nnx.Linear(
+            hidden_size, 3 * hidden_size, kernel_init=nnx.initializers.orthogonal(), rngs=rngs
+        )
+
+    def __call__(self, inputs: jax.Array, state: jax.Array) -> jax.Array:
+        input_reset, input_update, input_new = jnp.split(self.input_dense(inputs), 3, axis=-1)
+        hidden_reset, hidden_update, hidden_new = jnp.split(self.hidden_dense(state), 3, axis=-1)
+        reset = jax.nn.sigmoid(input_reset + hidden_reset)
+        update = jax.nn.sigmoid(input_update + hidden_update)
+        new = jnp.tanh(input_new + reset * hidden_new)
+        return (1.0 - update) * new + update * state
+
+
+class SlotAttention(nnx.Module):
+    """Slot Attention (Locatello et al., 2020, Algorithm 1).
+
+    >>> slot_attention = SlotAttention(num_slots=7, slot_size=64, input_size=64, rngs=nnx.Rngs(0))
+    >>> slots = slot_attention(inputs, key=jax.random.key(1))  # [B, N, 64] -> [B, 7, 64]
+
+    Call options: `num_slots` and `num_iterations` override the constructor's
+    (e.g. more slots at test time), `initial_slots` [B, K, slot_size] replaces
+    the sampled ones, `key` draws the initial noise (default: the module's own
+    `noise` stream), and `return_attention=True` returns `(slots, aux)` where
+    aux["attention"] is [B, T, K, N] (softmax over slots, per iteration) and
+    aux["initial_slots"] is [B, K, slot_size].
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        slot_size: int,
+        *,
+        input_size: int | None = None,
+        num_iterations: int = 3,
+        mlp_hidden_size: int = 128,
+        attention_epsilon: float = ATTENTION_EPSILON,
+        layer_norm_epsilon: float = LAYER_NORM_EPSILON,
+        rngs: nnx.Rngs,
+    ):
+        _check_positive(num_slots=num_slots, num_iterations=num_iterations, slot_size=slot_size)
+        input_size = slot_size if input_size is None else input_size
+        self.num_slots = num_slots
+        self.slot_size = slot_size
+        self.input_size = input_size
+        self.num_iterations = num_iterations
+        self.attention_epsilon = attention_epsilon
+
+        self.norm_inputs = layer_norm(input_size, layer_norm_epsilon, rngs)
+        self.norm_slots = layer_norm(slot_size, layer_norm_epsilon, rngs)
+        self.norm_mlp = layer_norm(slot_size, layer_norm_epsilon, rngs)
+        self.project_q = dense(slot_size, slot_size, rngs, use_bias=False)
+        self.project_k = dense(input_size, slot_size, rngs, use_bias=False)
+        self.project_v = dense(input_size, slot_size, rngs, use_bias=False)
+        self.gru = GRUCell(slot_size, slot_size, rngs=rngs)
+        self.mlp = MLP(slot_size, mlp_hidden_size, slot_size, rngs=rngs)
+        # Learned Gaussian for the initial slots, glorot-uniform over [1, 1, D] as in Keras.
+        self.slots_mu = nnx.Param(glorot_uniform(rngs.params(), (1, 1, slot_size)))
+        self.slots_log_sigma = nnx.Param(glorot_uniform(rngs.params(), (1, 1, slot_size)))
+        self.noise = nnx.Rngs(noise=rngs.params())
+
+    def sample_initial_slots(self, batch_size: int, num_slots: int, key: jax.Array | None = None) -> jax.Array:
+        """mu + exp(log_sigma) * eps, eps ~ N(0, 1): [B, K, slot_size]."""
+        key = self.noise.noise() if key is None else key
+        noise = jax.random.normal(key, (batch_size, num_slots, self.slot_size), self.slots_mu.dtype)
+        return self.slots_mu[...] + jnp.exp(self.slots_log_sigma[...]) * noise
+
+    def __call__(
+        self,
+        inputs: jax.Array,  # [B, N, input_size]
+        *,
+        num_slots: int | None = None,
+        num_iterations: int | None = None,
+        initial_slots: jax.Array | None = None,
+        key: jax.Array | None = None,
+        return_attention: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+        num_slots = self.num_slots if num_slots is None else num_slots
+        num_iterations = self.num_iterations if num_iterations is None else num_iterations
+        _check_positive(num_slots=num_slots, num_iterations=num_iterations)
+        _check_features(inputs, self.input_size, "inputs", "[batch, num_inputs, input_size]")
+        batch_size = inputs.shape[0]
+        if initial_slots is None:
+            initial_slots = self.sample_initial_slots(batch_size, num_slots, key)
+        else:  # its number of slots wins over num_slots
+            _check_features(initial_slots, self.slot_size, "initial_slots", "[batch, num_slots, slot_size]")
+            if initial_slots.shape[0] != batch_size:
+                raise ValueError(
+                    f"initial_slots has batch size {initial_slots.shape[0]} but inputs have {batch_size}; "
+                    "pass one set of initial slots per input."
+                )
+
+        inputs = self.norm_inputs(inputs)
+        keys = self.project_k(inputs)  # [B, N, D]
+        values = self.project_v(inputs)  # [B, N, D]
+        slots = initial_slots
+        attention_maps = []
+        for _ in range(num_iterations):
+            slots_prev = slots
+            queries = self.project_q(self.norm_slots(slots)) * self.slot_size**-0.5  # [B, K, D]
+            logits = jnp.einsum("bnd,bkd->bnk", keys, queries)
+            attention = jax.nn.softmax(logits, axis=-1)  # slots compete for each input
+            attention_maps.append(attention)
+            weights = attention + self.attention_epsilon
+            weights = weights / jnp.sum(weights, axis=1, keepdims=True)  # weighted mean over inputs
+            updates = jnp.einsum("bnk,bnd->bkd", weights, values)  # [B, K, D]
+            slots = self.gru(updates, slots_prev)
+            slots = slots + self.mlp(self.norm_mlp(slots))
+
+        if not return_attention:
+            return slots
+        attention = jnp.stack(attention_maps, axis=1).swapaxes(-1, -2)  # [B, T, K, N]
+        return slots, {"attention": attention, "initial_slots": initial_slots}
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
+
+def _check_features(array: jax.Array, size: int, name: str, layout: str) -> None:
+    """Refuses arrays that are not floating point of rank 3 with `size` features."""
+    if array.ndim != 3 or array.shape[-1] != size:
+        raise ValueError(f"{name} has shape {tuple(array.shape)}; expected {layout} with {size} features.")
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        raise TypeError(f"{name} has dtype {array.dtype}; expected a floating dtype (cast with .astype(jnp.float32)).")

@@ -1,0 +1,79 @@
+"""slotjax.SlotAttention on its own: call options, compilation, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import slotjax
+
+
+@pytest.fixture
+def module():
+    return slotjax.SlotAttention(num_slots=4, slot_size=16, input_size=8, mlp_hidden_size=32, rngs=nnx.Rngs(0))
+
+
+def test_initial_slot_parameters_are_glorot_uniform_over_1_1_d():
+    module = slotjax.SlotAttention(num_slots=7, slot_size=64, rngs=nnx.Rngs(0))
+    limit = np.sqrt(6 / (1 + 64))  # 0.3038
+    for parameter in (module.slots_mu, module.slots_log_sigma):
+        values = np.asarray(parameter[...])
+        assert values.shape == (1, 1, 64)
+        assert np.abs(values).max() <= limit and np.abs(values).max() > 0.8 * limit
+
+
+def test_call_options(module):
+    inputs = jax.random.normal(jax.random.key(0), (2, 10, 8))
+    assert module(inputs, key=jax.random.key(1)).shape == (2, 4, 16)
+    slots, aux = module(inputs, num_slots=6, num_iterations=5, key=jax.random.key(1), return_attention=True)
+    assert slots.shape == (2, 6, 16) and aux["attention"].shape == (2, 5, 6, 10)
+    np.testing.assert_allclose(aux["attention"].sum(axis=2), 1.0, rtol=1e-5)  # softmax over slots
+    # the key decides the initial noise; the same key gives the same slots
+    np.testing.assert_array_equal(module(inputs, key=jax.random.key(3)), module(inputs, key=jax.random.key(3)))
+    assert not np.allclose(module(inputs, key=jax.random.key(3)), module(inputs, key=jax.random.key(4)))
+    # explicit initial slots set the number of slots
+    slots, aux = module(inputs, initial_slots=jnp.ones((2, 3, 16)), return_attention=True)
+    assert slots.shape == (2, 3, 16)
+    np.testing.assert_array_equal(aux["initial_slots"], jnp.ones((2, 3, 16)))
+    # without a key the module's own noise stream advances: two calls differ
+    assert not np.allclose(module(inputs), module(inputs))
+
+
+def test_jit_compiles_once_per_shape(module):
+    traces = []
+
+    @nnx.jit
+    def apply(module, inputs, key):
+        traces.append(inputs.shape)
+        return module(inputs, key=key)
+
+    for seed in range(3):
+        apply(module, jax.random.normal(jax.random.key(seed), (2, 10, 8)), jax.random.key(seed))
+    apply(module, jnp.zeros((5, 10, 8)), jax.random.key(0))
+    assert traces == [(2, 10, 8), (5, 10, 8)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(inputs=np.zeros((2, 10, 7), np.float32)), ValueError, r"inputs has shape \(2, 10, 7\); expected .* 8 features"),
+        (dict(inputs=np.zeros((10, 8), np.float32)), ValueError, r"inputs has shape \(10, 8\)"),
+        (dict(inputs=np.zeros((2, 10, 8), np.int32)), TypeError, "floating dtype"),
+        (dict(num_slots=0), ValueError, "num_slots must be an integer >= 1"),
+        (dict(num_iterations=0), ValueError, "num_iterations must be an integer >= 1"),
+        (dict(initial_slots=np.zeros((2, 3, 5), np.float32)), ValueError, r"initial_slots has shape \(2, 3, 5\)"),
+        (dict(initial_slots=np.zeros((3, 3, 16), np.float32)), ValueError, "batch size 3 but inputs have 2"),
+    ],
+)
+def test_bad_input_is_refused_clearly(module, kwargs, error, message):
+    inputs = kwargs.pop("inputs", np.zeros((2, 10, 8), np.float32))
+    with pytest.raises(error, match=message):
+        module(jnp.asarray(inputs), **kwargs)
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="num_slots must be an integer >= 1, got 0"):
+        slotjax.SlotAttention(num_slots=0, slot_size=8, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_iterations"):
+        slotjax.SlotAttention(num_slots=2, slot_size=8, num_iterations=-1, rngs=nnx.Rngs(0))
