@@ -5,7 +5,8 @@ Every object draws four CLEVR-like attributes, each uniformly:
 
 - shape: square, circle or triangle, named ``cube``, ``sphere``, ``cylinder``
   (CLEVR's order) in the target;
-- size: ``small`` or ``large`` (about 0.14 and 0.26 of the image side);
+- size: ``small`` or ``large`` (0.14 and 0.26 of the image side, at least 5
+  and 7 pixels);
 - material: ``rubber`` (flat colour) or ``metal`` (shaded from a light at the
   upper left, with a white highlight);
 - colour: ``gray, blue, brown, yellow, red, green, purple, cyan`` (CLEVR's
@@ -68,6 +69,7 @@ COLOUR_RGB = np.array(
 )
 BACKGROUND_RGB = (196, 192, 182)
 SIZE_FRACTIONS = (0.14, 0.26)  # object side / image side, small and large
+MIN_SIDES = (5, 7)  # in pixels, so that shapes stay recognisable at low resolution
 MIN_VISIBLE_FRACTION = 0.25
 MAX_LAYOUT_ATTEMPTS = 1000
 
@@ -105,7 +107,8 @@ def _shape_masks(side: int) -> np.ndarray:
     half = side / 2
     square = np.ones((side, side), dtype=bool)
     circle = (row - half) ** 2 + (column - half) ** 2 <= half**2
-    triangle = np.abs(column - half) <= row / 2
+    # Half a pixel of slack keeps a (two-pixel) apex in the top row of even sides.
+    triangle = np.abs(column - half) <= (row + 0.5) / 2
     return np.stack([square, circle, triangle])
 
 
@@ -164,19 +167,17 @@ class Scenes:
         self.min_objects = min_objects
         self.max_objects = max_objects
 
-        self._sides = [max(3, round(f * resolution)) for f in SIZE_FRACTIONS]
+        self._sides = [
+            max(low, round(fraction * resolution))
+            for low, fraction in zip(MIN_SIDES, SIZE_FRACTIONS)
+        ]
         self._masks = [_shape_masks(side) for side in self._sides]
         self._sprites = [_shaded_sprites(masks) for masks in self._masks]
-        # Centroid (row, column) of each [shape, size] sprite, in pixels.
+        # Centroid (row, column) and area of each [shape, size] sprite, in pixels.
         self._centroids = np.array(
-            [
-                [np.argwhere(self._masks[size][shape]).mean(0) + 0.5 for size in range(2)]
-                for shape in range(3)
-            ]
-        )
-        self._areas = np.array(
-            [[self._masks[size][shape].sum() for size in range(2)] for shape in range(3)]
-        )
+            [[np.argwhere(m).mean(0) + 0.5 for m in masks] for masks in self._masks]
+        ).transpose(1, 0, 2)
+        self._areas = np.array([masks.sum((1, 2)) for masks in self._masks]).T
         self._background = np.empty((resolution, resolution, 3), np.uint8)
         self._background[:] = BACKGROUND_RGB
         self._one_hots = [np.eye(n, dtype=np.float32) for n in (2, 2, 3, 8)]
@@ -204,7 +205,9 @@ class Scenes:
         targets = np.zeros((size, MAX_OBJECTS_TARGET, TARGET_SIZE), np.float32)
         num_objects = np.empty(size, np.int32)
         for b, index in enumerate(indices):
-            num_objects[b] = self._render(index, images[b], segmentations[b], targets[b])
+            num_objects[b] = self._render(
+                index, images[b], segmentations[b], targets[b]
+            )
         return dict(
             image=images,
             segmentation=segmentations,
@@ -225,8 +228,10 @@ class Scenes:
         colour = rng.integers(0, 8, size=num)
         sides = np.array(self._sides)[size]
         centroids = self._centroids[shape, size]
+        areas = self._areas[shape, size]
+        corner_ends = self.resolution - sides[:, None] + 1
         for _ in range(MAX_LAYOUT_ATTEMPTS):
-            corners = rng.integers(0, self.resolution - sides[:, None] + 1, size=(num, 2))
+            corners = rng.integers(0, corner_ends, size=(num, 2))
             # Far (high in the image) to near.
             order = np.argsort(corners[:, 0] + centroids[:, 0], kind="stable")
             image[:] = self._background
@@ -242,7 +247,7 @@ class Scenes:
                 )
                 np.copyto(segmentation[window], rank + 1, where=mask)
             visible = np.bincount(segmentation.ravel(), minlength=num + 1)[1:]
-            if np.all(visible >= MIN_VISIBLE_FRACTION * self._areas[shape, size][order]):
+            if np.all(visible >= MIN_VISIBLE_FRACTION * areas[order]):
                 break
         else:
             raise RuntimeError(
