@@ -30,6 +30,10 @@ LEAF_TABLE: dict[tuple[type, str], tuple[str, tuple[int, ...] | None]] = {
     (nnx.Linear, "bias"): ("bias", None),
     (nnx.LayerNorm, "scale"): ("weight", None),
     (nnx.LayerNorm, "bias"): ("bias", None),
+    (modules.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]
+    (modules.Conv, "bias"): ("bias", None),
+    (modules.ConvTranspose, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, out, in] -> [in, out, k, k]
+    (modules.ConvTranspose, "bias"): ("bias", None),
 }
 
 # Parent module type -> {Flax "child.leaf": torch leaf}: torch.nn.GRUCell's names.

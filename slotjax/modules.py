@@ -180,3 +180,94 @@ def _check_features(array: jax.Array, size: int, name: str, layout: str) -> None
         raise ValueError(f"{name} has shape {tuple(array.shape)}; expected {layout} with {size} features.")
     if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(f"{name} has dtype {array.dtype}; expected a floating dtype (cast with .astype(jnp.float32)).")
+
+
+def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
+    """TF/Flax "SAME" padding (before, after) of a conv whose input size is a multiple of `stride`."""
+    total = max(kernel_size - stride, 0)
+    return total // 2, total - total // 2
+
+
+def conv2d(images: jax.Array, kernel: jax.Array, stride: int = 1, padding=None) -> jax.Array:
+    """NHWC convolution with an HWIO kernel; "SAME" padding unless `padding` [(before, after)] * 2 is given."""
+    if padding is None:
+        padding = [same_padding(kernel.shape[0], stride), same_padding(kernel.shape[1], stride)]
+    return jax.lax.conv_general_dilated(
+        images, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def transposed_conv_as_conv(kernel: jax.Array, stride: int) -> tuple[jax.Array, list[tuple[int, int]]]:
+    """Rewrites a "SAME" transposed conv as a stride-1 conv followed by depth-to-space (sub-pixel conv).
+
+    kernel: [k, k, out, in], the layout of TF's Conv2DTranspose and of Flax's
+    ConvTranspose(transpose_kernel=True). Output pixel o = stride * m + phase
+    receives input pixel m + offset through tap t = phase + pad - stride * offset
+    (pad: the SAME padding before), so every phase is a small ordinary conv over
+    the input. Returns the conv kernel [w, w, in, stride * stride * out] (phases
+    major, then channels) and its padding. The same function as the transposed
+    conv, exactly; only the order of the sums differs.
+    """
+    kernel_size = kernel.shape[0]
+    pad = same_padding(kernel_size, stride)[0]
+    # taps[phase][offset - min_offset] = kernel tap feeding that phase from that offset, or -1
+    offsets = {(phase, (phase + pad - tap) // stride): tap
+               for phase in range(stride) for tap in range(kernel_size) if (phase + pad - tap) % stride == 0}
+    min_offset = min(offset for _, offset in offsets)
+    max_offset = max(offset for _, offset in offsets)
+    zero = jnp.zeros_like(kernel[0, 0])  # [out, in]
+    rows = []
+    for row_offset in range(min_offset, max_offset + 1):
+        columns = []
+        for column_offset in range(min_offset, max_offset + 1):
+            phases = [
+                kernel[offsets[(row_phase, row_offset)], offsets[(column_phase, column_offset)]]
+                if (row_phase, row_offset) in offsets and (column_phase, column_offset) in offsets
+                else zero
+                for row_phase in range(stride)
+                for column_phase in range(stride)
+            ]  # stride * stride of [out, in]
+            columns.append(jnp.concatenate(phases, axis=0).T)  # [in, stride * stride * out]
+        rows.append(jnp.stack(columns))
+    conv_kernel = jnp.stack(rows)  # [window, window, in, stride * stride * out]
+    return conv_kernel, [(-min_offset, max_offset)] * 2
+
+
+def depth_to_space(images: jax.Array, stride: int) -> jax.Array:
+    """[B, H, W, s * s * C] (phases major) -> [B, s * H, s * W, C]."""
+    batch, height, width, channels = images.shape
+    out_features = channels // (stride * stride)
+    images = images.reshape(batch, height, width, stride, stride, out_features)
+    return images.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height * stride, width * stride, out_features)
+
+
+class Conv(nnx.Module):
+    """2-D convolution, "SAME" padding as in TF/Flax. Kernel [k, k, in, out] (HWIO)."""
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1, *, rngs: nnx.Rngs):
+        self.stride = stride
+        self.kernel = nnx.Param(glorot_uniform(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+
+    def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, in] -> [B, H / stride, W / stride, out]
+        return conv2d(images, self.kernel[...], self.stride) + self.bias[...]
+
+
+class ConvTranspose(nnx.Module):
+    """Transposed convolution, "SAME" padding as in TF (output = stride * input).
+
+    The kernel is stored as TF's Conv2DTranspose / Flax's
+    ConvTranspose(transpose_kernel=True) store it, [k, k, out, in], so weights
+    convert as usual; it is computed as a sub-pixel convolution
+    (`transposed_conv_as_conv`), which is much faster on XLA's CPU backend.
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1, *, rngs: nnx.Rngs):
+        self.stride = stride
+        # Keras counts the fans of [k, k, out, in] as fan_in = k*k*out, fan_out = k*k*in.
+        self.kernel = nnx.Param(glorot_uniform(rngs.params(), (kernel_size, kernel_size, out_features, in_features)))
+        self.bias = nnx.Param(jnp.zeros((out_features,)))
+
+    def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, in] -> [B, s * H, s * W, out]
+        conv_kernel, padding = transposed_conv_as_conv(self.kernel[...], self.stride)
+        return depth_to_space(conv2d(images, conv_kernel, 1, padding), self.stride) + self.bias[...]

@@ -123,3 +123,46 @@ class SlotAttention(nn.Module):
             return slots
         attention = torch.stack(attention_maps, dim=1).transpose(-1, -2)  # [B, T, K, N]
         return slots, {"attention": attention, "initial_slots": initial_slots}
+
+
+def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) for an input size that is a multiple of `stride`."""
+    total = max(kernel_size - stride, 0)
+    return total // 2, total - total // 2
+
+
+class Conv(nn.Module):
+    """Conv2d with TF "SAME" padding: explicit (before, after) padding, then an unpadded conv.
+
+    (torch's padding=2 for a 5x5 stride-2 conv is off by one against TF's (1, 2).)
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1):
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(out_features, in_features, kernel_size, kernel_size)))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, in, H, W]
+        before, after = same_padding(self.weight.shape[-1], self.stride)
+        images = nn.functional.pad(images, (before, after, before, after))
+        return nn.functional.conv2d(images, self.weight, self.bias, stride=self.stride)
+
+
+class ConvTranspose(nn.Module):
+    """ConvTranspose2d matching TF's "SAME": padding = TF's padding before, then crop to stride * size.
+
+    (padding=2, output_padding=1 has the right size but is shifted by one pixel.)
+    """
+
+    def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1):
+        super().__init__()
+        self.stride = stride
+        self.weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(in_features, out_features, kernel_size, kernel_size)))
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # [B, in, H, W]
+        padding = same_padding(self.weight.shape[-1], self.stride)[0]
+        output = nn.functional.conv_transpose2d(images, self.weight, self.bias, stride=self.stride, padding=padding)
+        height, width = images.shape[-2] * self.stride, images.shape[-1] * self.stride
+        return output[..., :height, :width]

@@ -1,0 +1,161 @@
+"""The two models of the paper: the slot autoencoder (object discovery) and the set predictor.
+
+Both follow the official code (SPEC sections 2 and 3); widths, resolution and
+numbers of slots are constructor arguments. Images are NHWC in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from slotjax.modules import MLP, Conv, ConvTranspose, SlotAttention, dense, layer_norm, LAYER_NORM_EPSILON
+
+NUM_PROPERTIES = 19  # CLEVR's encoded object properties (SPEC section 3)
+
+
+def build_grid(resolution: tuple[int, int]) -> jax.Array:
+    """[H, W, 4] grid of (y, x, 1 - y, 1 - x), each linspace(0, 1) in "ij" order."""
+    y, x = jnp.meshgrid(*(jnp.linspace(0.0, 1.0, size) for size in resolution), indexing="ij")
+    return jnp.stack([y, x, 1.0 - y, 1.0 - x], axis=-1)
+
+
+class SoftPositionEmbed(nnx.Module):
+    """Adds a learned projection of the position grid: features + Dense(grid)."""
+
+    def __init__(self, features: int, resolution: tuple[int, int], *, rngs: nnx.Rngs):
+        self.resolution = tuple(resolution)
+        self.dense = dense(4, features, rngs)
+
+    def __call__(self, features: jax.Array) -> jax.Array:  # [B, H, W, C]
+        return features + self.dense(build_grid(self.resolution))
+
+
+class EncoderCNN(nnx.Module):
+    """Conv 5x5 layers with relu, "SAME" padding; `strides` gives their number and strides."""
+
+    def __init__(self, features: int, strides: tuple[int, ...], kernel_size: int = 5, *, rngs: nnx.Rngs):
+        in_features = [3] + [features] * (len(strides) - 1)
+        self.convs = nnx.List(
+            [Conv(n_in, features, kernel_size, stride, rngs=rngs) for n_in, stride in zip(in_features, strides)]
+        )
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            images = jax.nn.relu(conv(images))
+        return images
+
+
+class DecoderCNN(nnx.Module):
+    """Spatial broadcast decoder's CNN: stride-2 5x5 transposed convs up to the image size,
+    then a 5x5 and a 3x3 stride-1 transposed conv; 4 output channels (RGB + alpha logit)."""
+
+    def __init__(self, in_features: int, features: int, num_upsamples: int, *, rngs: nnx.Rngs):
+        shapes = [(in_features, features, 5, 2)] + [(features, features, 5, 2)] * (num_upsamples - 1)
+        shapes += [(features, features, 5, 1), (features, 4, 3, 1)]
+        self.convs = nnx.List([ConvTranspose(*shape, rngs=rngs) for shape in shapes])
+
+    def __call__(self, features: jax.Array) -> jax.Array:
+        for conv in self.convs[:-1]:
+            features = jax.nn.relu(conv(features))
+        return self.convs[-1](features)
+
+
+def check_images(images: jax.Array, resolution: int) -> None:
+    """Refuses images of the wrong rank, shape or dtype (static checks, free under jit)."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != (resolution, resolution, 3):
+        raise ValueError(
+            f"images have shape {tuple(images.shape)}; this model expects [batch, {resolution}, {resolution}, 3] "
+            "(NHWC, RGB). Resize the images or build the model with resolution matching them."
+        )
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise TypeError(f"images have dtype {images.dtype}; expected floats in [-1, 1] (uint8 x: x / 127.5 - 1).")
+
+
+class SlotEncoder(nnx.Module):
+    """CNN -> position embedding -> flatten -> LayerNorm -> MLP -> Slot Attention (shared by both models)."""
+
+    def __init__(self, resolution: int, strides: tuple[int, ...], encoder_features: int, num_slots: int,
+                 slot_size: int, num_iterations: int, mlp_hidden_size: int, *, rngs: nnx.Rngs):
+        self.resolution = resolution
+        grid = resolution // math.prod(strides)
+        self.encoder_cnn = EncoderCNN(encoder_features, strides, rngs=rngs)
+        self.encoder_pos = SoftPositionEmbed(encoder_features, (grid, grid), rngs=rngs)
+        self.layer_norm = layer_norm(encoder_features, LAYER_NORM_EPSILON, rngs)
+        self.mlp = MLP(encoder_features, encoder_features, encoder_features, rngs=rngs)
+        self.slot_attention = SlotAttention(
+            num_slots, slot_size, input_size=encoder_features, num_iterations=num_iterations,
+            mlp_hidden_size=mlp_hidden_size, rngs=rngs,
+        )
+
+    def __call__(self, images: jax.Array, **slot_attention_options) -> tuple[jax.Array, dict]:
+        check_images(images, self.resolution)
+        features = self.encoder_pos(self.encoder_cnn(images))
+        features = features.reshape(features.shape[0], -1, features.shape[-1])  # [B, N, C], row-major
+        features = self.mlp(self.layer_norm(features))
+        return self.slot_attention(features, return_attention=True, **slot_attention_options)
+
+
+class SlotAutoencoder(nnx.Module):
+    """Object discovery: Slot Attention encoder and a spatial broadcast decoder with alpha masks.
+
+    Returns a dict: reconstruction [B, H, W, 3], slot_reconstructions [B, K, H, W, 3],
+    masks [B, K, H, W, 1] (softmax over slots), slots [B, K, D], attention [B, T, K, H*W].
+    """
+
+    def __init__(self, resolution: int = 128, num_slots: int = 7, num_iterations: int = 3, slot_size: int = 64,
+                 encoder_features: int = 64, decoder_features: int = 64, mlp_hidden_size: int = 128,
+                 broadcast_resolution: int = 8, *, rngs: nnx.Rngs):
+        num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
+        if num_upsamples < 1 or not num_upsamples.is_integer():
+            raise ValueError(
+                f"resolution {resolution} is not {broadcast_resolution} times a power of two (>= 2): the decoder "
+                f"upsamples {broadcast_resolution}x{broadcast_resolution} by stride-2 steps. Use e.g. 32, 64 or 128."
+            )
+        self.resolution = resolution
+        self.broadcast_resolution = broadcast_resolution
+        self.encoder = SlotEncoder(resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations,
+                                   mlp_hidden_size, rngs=rngs)
+        self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
+        self.decoder_cnn = DecoderCNN(slot_size, decoder_features, int(num_upsamples), rngs=rngs)
+
+    def __call__(self, images: jax.Array, **slot_attention_options) -> dict[str, jax.Array]:
+        slots, aux = self.encoder(images, **slot_attention_options)
+        batch_size, num_slots, slot_size = slots.shape
+        size = self.broadcast_resolution
+        broadcast = jnp.broadcast_to(slots.reshape(-1, 1, 1, slot_size), (batch_size * num_slots, size, size, slot_size))
+        decoded = self.decoder_cnn(self.decoder_pos(broadcast))  # [B * K, H, W, 4]
+        decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
+        slot_reconstructions, alpha_logits = decoded[..., :3], decoded[..., 3:]
+        masks = jax.nn.softmax(alpha_logits, axis=1)
+        return {
+            "reconstruction": jnp.sum(slot_reconstructions * masks, axis=1),
+            "slot_reconstructions": slot_reconstructions,
+            "masks": masks,
+            "slots": slots,
+            "attention": aux["attention"],
+        }
+
+
+class SetPredictor(nnx.Module):
+    """Set prediction: strided encoder, Slot Attention, per-slot MLP head with sigmoid.
+
+    Returns a dict: predictions [B, K, 19] in [0, 1], slots [B, K, D], attention [B, T, K, N].
+    """
+
+    def __init__(self, resolution: int = 128, num_slots: int = 10, num_iterations: int = 3, slot_size: int = 64,
+                 encoder_features: int = 64, mlp_hidden_size: int = 128, head_hidden_size: int = 64,
+                 *, rngs: nnx.Rngs):
+        strides = (1, 2, 2, 1)
+        if resolution % math.prod(strides):
+            raise ValueError(f"resolution {resolution} must be a multiple of 4 (the encoder downsamples by 4).")
+        self.encoder = SlotEncoder(resolution, strides, encoder_features, num_slots, slot_size, num_iterations,
+                                   mlp_hidden_size, rngs=rngs)
+        self.mlp_classifier = MLP(slot_size, head_hidden_size, NUM_PROPERTIES, rngs=rngs)
+
+    def __call__(self, images: jax.Array, **slot_attention_options) -> dict[str, jax.Array]:
+        slots, aux = self.encoder(images, **slot_attention_options)
+        return {"predictions": jax.nn.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}

@@ -1,0 +1,19 @@
+"""The official optimiser: Adam with linear warm-up and continuous exponential decay."""
+
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(learning_rate: float, warmup_steps: int, decay_steps: int, decay_rate: float = 0.5):
+    """lr(s) = learning_rate * min(s / warmup_steps, 1) * decay_rate ** (s / decay_steps); s counted from 0."""
+
+    def schedule(step):
+        warmup = jnp.minimum(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
+        return learning_rate * warmup * decay_rate ** (step / decay_steps)
+
+    return schedule
+
+
+def make_optimizer(learning_rate: float, warmup_steps: int, decay_steps: int, decay_rate: float = 0.5):
+    """optax Adam (eps 1e-8, default betas, no clipping) on the official schedule."""
+    return optax.adam(learning_rate_schedule(learning_rate, warmup_steps, decay_steps, decay_rate), eps=1e-8)

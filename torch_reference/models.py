@@ -1,0 +1,121 @@
+"""PyTorch twins of `slotjax/models.py`. Images are NCHW here; outputs likewise channels-first."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from torch_reference.modules import MLP, Conv, ConvTranspose, SlotAttention, dense, LAYER_NORM_EPSILON
+
+NUM_PROPERTIES = 19
+
+
+def build_grid(resolution: tuple[int, int]) -> torch.Tensor:
+    """[H, W, 4] grid of (y, x, 1 - y, 1 - x), each linspace(0, 1) in "ij" order."""
+    y, x = torch.meshgrid(*(torch.linspace(0.0, 1.0, size) for size in resolution), indexing="ij")
+    return torch.stack([y, x, 1.0 - y, 1.0 - x], dim=-1)
+
+
+class SoftPositionEmbed(nn.Module):
+    def __init__(self, features: int, resolution: tuple[int, int]):
+        super().__init__()
+        self.dense = dense(4, features)
+        self.register_buffer("grid", build_grid(resolution), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
+        return features + self.dense(self.grid).permute(2, 0, 1)
+
+
+class EncoderCNN(nn.Module):
+    def __init__(self, features: int, strides: tuple[int, ...], kernel_size: int = 5):
+        super().__init__()
+        in_features = [3] + [features] * (len(strides) - 1)
+        self.convs = nn.ModuleList(
+            [Conv(n_in, features, kernel_size, stride) for n_in, stride in zip(in_features, strides)]
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            images = torch.relu(conv(images))
+        return images
+
+
+class DecoderCNN(nn.Module):
+    def __init__(self, in_features: int, features: int, num_upsamples: int):
+        super().__init__()
+        shapes = [(in_features, features, 5, 2)] + [(features, features, 5, 2)] * (num_upsamples - 1)
+        shapes += [(features, features, 5, 1), (features, 4, 3, 1)]
+        self.convs = nn.ModuleList([ConvTranspose(*shape) for shape in shapes])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs[:-1]:
+            features = torch.relu(conv(features))
+        return self.convs[-1](features)
+
+
+class SlotEncoder(nn.Module):
+    def __init__(self, resolution, strides, encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size):
+        super().__init__()
+        grid = resolution // math.prod(strides)
+        self.encoder_cnn = EncoderCNN(encoder_features, strides)
+        self.encoder_pos = SoftPositionEmbed(encoder_features, (grid, grid))
+        self.layer_norm = nn.LayerNorm(encoder_features, eps=LAYER_NORM_EPSILON)
+        self.mlp = MLP(encoder_features, encoder_features, encoder_features)
+        self.slot_attention = SlotAttention(
+            num_slots, slot_size, input_size=encoder_features, num_iterations=num_iterations,
+            mlp_hidden_size=mlp_hidden_size,
+        )
+
+    def forward(self, images: torch.Tensor, **slot_attention_options):  # [B, 3, H, W]
+        features = self.encoder_pos(self.encoder_cnn(images))
+        features = features.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H * W, C], row-major
+        features = self.mlp(self.layer_norm(features))
+        return self.slot_attention(features, return_attention=True, **slot_attention_options)
+
+
+class SlotAutoencoder(nn.Module):
+    """Outputs: reconstruction [B, 3, H, W], slot_reconstructions [B, K, 3, H, W], masks [B, K, 1, H, W], slots."""
+
+    def __init__(self, resolution=128, num_slots=7, num_iterations=3, slot_size=64, encoder_features=64,
+                 decoder_features=64, mlp_hidden_size=128, broadcast_resolution=8):
+        super().__init__()
+        self.broadcast_resolution = broadcast_resolution
+        self.encoder = SlotEncoder(resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size,
+                                   num_iterations, mlp_hidden_size)
+        self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2)
+        num_upsamples = int(math.log2(resolution // broadcast_resolution))
+        self.decoder_cnn = DecoderCNN(slot_size, decoder_features, num_upsamples)
+
+    def forward(self, images: torch.Tensor, **slot_attention_options) -> dict[str, torch.Tensor]:
+        slots, aux = self.encoder(images, **slot_attention_options)
+        batch_size, num_slots, slot_size = slots.shape
+        size = self.broadcast_resolution
+        broadcast = slots.reshape(-1, slot_size, 1, 1).expand(-1, -1, size, size)
+        decoded = self.decoder_cnn(self.decoder_pos(broadcast))  # [B * K, 4, H, W]
+        decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
+        slot_reconstructions, alpha_logits = decoded[:, :, :3], decoded[:, :, 3:]
+        masks = torch.softmax(alpha_logits, dim=1)
+        return {
+            "reconstruction": (slot_reconstructions * masks).sum(dim=1),
+            "slot_reconstructions": slot_reconstructions,
+            "masks": masks,
+            "slots": slots,
+            "attention": aux["attention"],
+        }
+
+
+class SetPredictor(nn.Module):
+    """Outputs: predictions [B, K, 19] in [0, 1], slots, attention."""
+
+    def __init__(self, resolution=128, num_slots=10, num_iterations=3, slot_size=64, encoder_features=64,
+                 mlp_hidden_size=128, head_hidden_size=64):
+        super().__init__()
+        self.encoder = SlotEncoder(resolution, (1, 2, 2, 1), encoder_features, num_slots, slot_size,
+                                   num_iterations, mlp_hidden_size)
+        self.mlp_classifier = MLP(slot_size, head_hidden_size, NUM_PROPERTIES)
+
+    def forward(self, images: torch.Tensor, **slot_attention_options) -> dict[str, torch.Tensor]:
+        slots, aux = self.encoder(images, **slot_attention_options)
+        return {"predictions": torch.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}
