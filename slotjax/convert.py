@@ -11,15 +11,17 @@ only to load or save `.pt` files; safetensors files are the default format.
 
 Command line (training checkpoint <-> torch_reference weights):
     python -m slotjax.convert --workdir=RUN_DIR --output=model.safetensors
-    python -m slotjax.convert --input=model.safetensors --workdir=RUN_DIR --output=converted
+    python -m slotjax.convert --input=model.safetensors --output=NEW_RUN_DIR
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
 import numpy as np
+import jax.numpy as jnp
 from flax import nnx
 
 from slotjax import modules
@@ -130,24 +132,39 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def save_weights(module: nnx.Module, path: str | os.PathLike) -> None:
-    """Writes the module's torch-layout weights to `path` (.safetensors, or .pt), atomically."""
+def save_weights(module: nnx.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Writes the module's torch-layout weights to `path` (.safetensors, or .pt), atomically.
+
+    `metadata` (strings) goes into the safetensors header, or next to the
+    state dict of a .pt file; `torch_reference.load_model` reads the model's
+    description from there.
+    """
     state_dict = flax_to_torch(module)
     path = os.fspath(path)
     temporary = f"{path}.tmp-{os.getpid()}"
-    if path.endswith(".pt"):
+    if path.endswith((".pt", ".pth")):
         import torch
 
-        torch.save({name: torch.tensor(value) for name, value in state_dict.items()}, temporary)
+        tensors = {name: torch.tensor(value) for name, value in state_dict.items()}
+        torch.save({"state_dict": tensors, "metadata": dict(metadata or {})}, temporary)
     else:
         from safetensors.numpy import save_file
 
-        save_file(state_dict, temporary)
+        save_file(state_dict, temporary, metadata=dict(metadata or {}))
     os.replace(temporary, path)
 
 
 def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch-layout state dict from .safetensors or .pt without executing code from the file."""
+    return _read(path)[0]
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata strings stored with the weights (empty if none)."""
+    return _read(path)[1]
+
+
+def _read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
@@ -155,12 +172,77 @@ def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if path.endswith((".pt", ".pth")):
             import torch
 
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-            loaded = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
-            return {name: _to_numpy(value) for name, value in loaded.items()}
-        from safetensors.numpy import load_file
+            loaded = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
+            if "state_dict" in loaded:
+                return {k: _to_numpy(v) for k, v in loaded["state_dict"].items()}, dict(loaded.get("metadata", {}))
+            return {name: _to_numpy(value) for name, value in loaded.items()}, {}
+        from safetensors import safe_open
 
-        return load_file(path)
+        with safe_open(path, framework="numpy") as file:
+            return {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
     except Exception as error:  # truncated, altered or foreign files
         raise ConversionError(f"Could not read weights from {path!r}: {error}. Is the file complete?") from error
 
+
+def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:
+    """Training checkpoint in `workdir` -> torch-layout weights file with the model's description."""
+    from slotjax import trainer
+
+    manager = trainer.checkpoint_manager(workdir)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ConversionError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}.")
+    config = trainer.config_from_checkpoint(manager, step)
+    model = trainer.build_model(config)
+    state = trainer.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
+    nnx.update(model, state.params)
+    name, arguments = trainer.model_spec(config)
+    save_weights(model, output, {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(),
+                                 "step": str(step)})
+    manager.close()
+    return output
+
+
+def weights_to_checkpoint(weights: str, workdir: str) -> str:
+    """Torch-layout weights file (made by `checkpoint_to_weights` or torch_reference.save_model) -> a training
+    checkpoint in `workdir`, from which `train.py --workdir` evaluates or continues training."""
+    import ml_collections
+
+    from slotjax import trainer
+
+    metadata = load_metadata(weights)
+    if "config" not in metadata:
+        raise ConversionError(f"{weights!r} holds no slotjax config in its metadata; it was not written by slotjax "
+                              "or torch_reference.save_model, so the model it belongs to is unknown.")
+    config = ml_collections.ConfigDict(json.loads(metadata["config"]))
+    model = torch_to_flax(load_weights(weights), trainer.build_model(config))
+    state = trainer.Trainer(config).initial_state()
+    state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(int(metadata.get("step", 0)), jnp.int32))
+    manager = trainer.checkpoint_manager(workdir, config)
+    trainer.save_checkpoint(manager, state, config)
+    manager.close()
+    return workdir
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="training work directory (its checkpoints/)")
+    parser.add_argument("--input", help="a weights file (.safetensors or .pt) to turn into a checkpoint")
+    parser.add_argument("--output", required=True, help="weights file to write, or work directory for --input")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    args = parser.parse_args(argv)
+    try:
+        if args.input:
+            print(f"Wrote a checkpoint to {weights_to_checkpoint(args.input, args.output)}")
+        elif args.workdir:
+            print(f"Wrote {checkpoint_to_weights(args.workdir, args.output, args.step)}")
+        else:
+            parser.error("give --workdir (checkpoint -> weights) or --input (weights -> checkpoint)")
+    except (ConversionError, FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -47,14 +47,20 @@ class TrainState:
     rng: jax.Array
 
 
-def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
-    rngs = nnx.Rngs(config.seed if seed is None else seed)
-    common = dict(resolution=config.resolution, num_slots=config.num_slots, num_iterations=config.num_iterations,
-                  slot_size=config.slot_size, encoder_features=config.encoder_features,
-                  mlp_hidden_size=config.mlp_hidden_size)
+def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
+    """The model class name and constructor arguments a config asks for (the same in torch_reference)."""
+    arguments = dict(resolution=config.resolution, num_slots=config.num_slots, num_iterations=config.num_iterations,
+                     slot_size=config.slot_size, encoder_features=config.encoder_features,
+                     mlp_hidden_size=config.mlp_hidden_size)
     if config.task == "discovery":
-        return SlotAutoencoder(**common, decoder_features=config.decoder_features, rngs=rngs)
-    return SetPredictor(**common, head_hidden_size=config.head_hidden_size, rngs=rngs)
+        return "SlotAutoencoder", {**arguments, "decoder_features": config.decoder_features}
+    return "SetPredictor", {**arguments, "head_hidden_size": config.head_hidden_size}
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
+    name, arguments = model_spec(config)
+    model_class = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}[name]
+    return model_class(**arguments, rngs=nnx.Rngs(config.seed if seed is None else seed))
 
 
 def compute_loss(task: str, outputs: dict, batch: dict) -> jax.Array:
@@ -216,10 +222,16 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, config: m
     manager.wait_until_finished()
 
 
+def config_from_checkpoint(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+    """The config a checkpoint was trained with."""
+    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    return ml_collections.ConfigDict(saved)
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, config, step: int | None = None):
     """Restores the latest (or given) checkpoint into the shape and sharding of `target`; refuses another model's."""
     step = manager.latest_step() if step is None else step
-    saved_config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved_config = config_from_checkpoint(manager, step)
     differing = {name: (saved_config.get(name), config.get(name)) for name in MODEL_FIELDS
                  if saved_config.get(name) != config.get(name)}
     if differing:

@@ -1,6 +1,6 @@
 """PyTorch reference implementation of the slotjax models (for parity checks and users of torch)."""
 
-from torch_reference.models import SetPredictor, SlotAutoencoder
+from torch_reference.models import SetPredictor, SlotAutoencoder, load_model
 from torch_reference.modules import SlotAttention
 
-__all__ = ["SetPredictor", "SlotAttention", "SlotAutoencoder"]
+__all__ = ["SetPredictor", "SlotAttention", "SlotAutoencoder", "load_model"]

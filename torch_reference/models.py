@@ -119,3 +119,26 @@ class SetPredictor(nn.Module):
     def forward(self, images: torch.Tensor, **slot_attention_options) -> dict[str, torch.Tensor]:
         slots, aux = self.encoder(images, **slot_attention_options)
         return {"predictions": torch.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}
+
+
+def load_model(path: str) -> nn.Module:
+    """A model from a weights file written by `python -m slotjax.convert` (safetensors, or .pt read with
+    weights_only=True): the file's metadata names the model and its constructor arguments."""
+    import json
+
+    from safetensors import safe_open
+
+    if path.endswith((".pt", ".pth")):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict, metadata = loaded["state_dict"], loaded.get("metadata", {})
+    else:
+        with safe_open(path, framework="pt") as file:
+            state_dict = {name: file.get_tensor(name) for name in file.keys()}
+            metadata = file.metadata() or {}
+    models = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}
+    if metadata.get("model") not in models:
+        raise ValueError(f"{path!r} does not say which model it holds (metadata 'model' is {metadata.get('model')!r}); "
+                         "write it with `python -m slotjax.convert --workdir=RUN --output=FILE`.")
+    model = models[metadata["model"]](**json.loads(metadata["arguments"]))
+    model.load_state_dict(state_dict)
+    return model

@@ -1,0 +1,100 @@
+"""Throughput of the real data sets' input pipelines (slotjax.datasets), in images per second.
+
+    python benchmarks/input_pipeline.py [--seconds 10] [--num-threads N] [--resolution 128]
+
+Writes stand-ins in a temporary directory and reads them with
+``slotjax.datasets.make_dataset`` (shuffled, repeated, as in training):
+
+- clevr: a real TFDS ``clevr:3.1.0`` directory (written by the tests'
+  ``store_clevr``) of 256 validation scenes, noisy 320x480 PNGs of about
+  CLEVR's file size (~230 KB), 3 to 10 objects each (CLEVR6 keeps half);
+- the DeepMind files in their published format (the tests' ``write_records``),
+  read as their ``test`` split (records 0 to 9,999; the pipeline is the same
+  for every split); clevr_with_masks keeps half its scenes (CLEVR6).
+
+Official settings: discovery at 128x128, batch 64; set prediction at 128x128,
+batch 512. Images per second count the images yielded after a warm-up batch.
+Decoding runs on ``num_threads`` TF threads (by default all cores but one).
+
+Output on the 2-core development machine (shared with a training job, so
+indicative only), default threads (1):
+
+    data set           task             res  batch  threads  images/s
+    clevr              discovery        128     64        1      97
+    clevr              set_prediction   128    512        1     179
+    clevr_with_masks   discovery        128     64        1      12
+    multi_dsprites     discovery        128     64        1     495
+    tetrominoes        discovery        128     64        1    1475
+    objects_room       discovery        128     64        1     453
+"""
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from slotjax import datasets  # noqa: E402
+from tests.test_datasets import store_clevr, write_records  # noqa: E402
+
+CLEVR_SCENES = 256
+RECORDS = {"clevr_with_masks": 32, "multi_dsprites": 512, "tetrominoes": 512, "objects_room": 512}
+PIPELINES = [  # data set, task, batch size
+    ("clevr", "discovery", 64),
+    ("clevr", "set_prediction", 512),
+    ("clevr_with_masks", "discovery", 64),
+    ("multi_dsprites", "discovery", 64),
+    ("tetrominoes", "discovery", 64),
+    ("objects_room", "discovery", 64),
+]
+
+
+def noisy_scene(index: int) -> np.ndarray:
+    """Uint8 [320, 480, 3]: a grey gradient with rendering-like noise, so the PNG is about CLEVR's size."""
+    rng = np.random.default_rng(index)
+    gradient = np.linspace(90.0, 160.0, 320)[:, None, None] + np.zeros((1, 480, 3))
+    return np.clip(gradient + rng.normal(0.0, 3.0, gradient.shape), 0, 255).astype(np.uint8)
+
+
+def images_per_second(batches, batch_size: int, seconds: float) -> float:
+    next(batches)  # warm-up: starts the threads and fills the shuffle buffer
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        next(batches)
+        count += batch_size
+    return count / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per pipeline")
+    parser.add_argument("--num-threads", type=int, default=None, help="TF threads (default: cores - 1)")
+    parser.add_argument("--resolution", type=int, default=128)
+    args = parser.parse_args()
+    threads = args.num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    tfds.disable_progress_bar()
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        store_clevr(data_dir, {"validation": CLEVR_SCENES}, image=noisy_scene)
+        for name, num_records in RECORDS.items():
+            write_records(name, pathlib.Path(data_dir), num_records)
+
+        print(f"{'data set':18} {'task':15} {'res':>4} {'batch':>6} {'threads':>8} {'images/s':>9}")
+        for name, task, batch_size in PIPELINES:
+            split = "validation" if name == "clevr" else "test"
+            batches = datasets.make_dataset(name, data_dir, split, task=task, resolution=args.resolution,
+                                            batch_size=batch_size, num_threads=threads)
+            rate = images_per_second(batches, batch_size, args.seconds)
+            print(f"{name:18} {task:15} {args.resolution:4d} {batch_size:6d} {threads:8d} {rate:9.0f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

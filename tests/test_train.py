@@ -1,0 +1,94 @@
+"""Training end to end on the embedded scenes: logging, pictures, resume, evaluation, conversion."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import torch_reference
+from slotjax import convert, trainer
+from tests.conftest import tiny_config
+
+
+def read_metrics(workdir, split="train"):
+    with open(os.path.join(workdir, "metrics.jsonl")) as file:
+        return [row for row in map(json.loads, file) if row["split"] == split]
+
+
+@pytest.mark.parametrize("task", ["discovery", "set_prediction"])
+def test_training_writes_metrics_events_pictures_and_checkpoints(tmp_path, task):
+    config = tiny_config(task)
+    results = trainer.train_and_evaluate(config, str(tmp_path), print_fn=lambda line: None)
+    train_rows = read_metrics(tmp_path)
+    assert [row["step"] for row in train_rows] == list(range(1, 7))
+    assert all(np.isfinite(row["loss"]) for row in train_rows)
+    eval_rows = read_metrics(tmp_path, "validation")
+    assert [row["step"] for row in eval_rows] == [3, 6]
+    expected = {"loss", "fg_ari", "ari", "mse"} if task == "discovery" else {"loss", "ap_inf", "ap_1", "ap_0.5", "ap_0.25", "ap_0.125"}
+    assert expected <= set(eval_rows[-1]) and expected <= set(results)
+    assert sorted(os.listdir(tmp_path / "images")) == ["validation_step_0000003.png", "validation_step_0000006.png"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+
+def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
+    """SIGINT after step 4 saves and exits; the same call again continues at step 5 exactly as an unbroken run."""
+    config = tiny_config(num_train_steps=8, checkpoint_every=100, eval_every=100)
+    trainer.train_and_evaluate(config, str(tmp_path / "unbroken"), print_fn=lambda line: None)
+
+    def interrupt_after_step_4(line):
+        if line.startswith("step 4/"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    lines = []
+    trainer.train_and_evaluate(config, str(tmp_path / "stopped"), print_fn=lambda line: (lines.append(line), interrupt_after_step_4(line)))
+    assert any("Received SIGINT" in line for line in lines)
+    assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["4"]
+    lines.clear()
+    trainer.train_and_evaluate(config, str(tmp_path / "stopped"), print_fn=lines.append)
+    assert lines[0].startswith("Resuming from the checkpoint at step 4")
+
+    unbroken = {row["step"]: row["loss"] for row in read_metrics(tmp_path / "unbroken")}
+    resumed = read_metrics(tmp_path / "stopped")
+    assert [row["step"] for row in resumed] == list(range(1, 9))
+    for row in resumed:
+        assert row["loss"] == unbroken[row["step"]], row["step"]
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    trainer.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path), print_fn=lambda line: None)
+    with pytest.raises(trainer.TrainingError, match=r"belongs to another model \(num_slots: checkpoint 4 vs now 5\)"):
+        trainer.train_and_evaluate(tiny_config(num_train_steps=6, num_slots=5), str(tmp_path), print_fn=lambda line: None)
+
+
+def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
+    config = tiny_config(num_train_steps=3)
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(config, workdir, print_fn=lambda line: None)
+    results = trainer.evaluate_checkpoint(config, workdir, "test", print_fn=lambda line: None)
+    assert {"fg_ari", "ari", "mse"} <= set(results)
+    assert os.path.exists(os.path.join(workdir, "images", "test_step_0000003.png"))
+
+    # checkpoint -> safetensors -> torch_reference: the same reconstruction
+    weights = str(tmp_path / "model.safetensors")
+    convert.main(["--workdir", workdir, "--output", weights])
+    reference = torch_reference.load_model(weights)
+    manager = trainer.checkpoint_manager(workdir)
+    run = trainer.Trainer(config)
+    state = trainer.restore_checkpoint(manager, run.initial_state(), config)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    initial = np.random.default_rng(1).normal(size=(2, 4, 16)).astype(np.float32)
+    ours = run.model(state.params)(jax.numpy.asarray(images), initial_slots=initial)["reconstruction"]
+    with torch.no_grad():
+        theirs = reference(torch.tensor(images).permute(0, 3, 1, 2), initial_slots=torch.tensor(initial))["reconstruction"]
+    np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
+
+    # and back: safetensors -> a checkpoint with the same parameters
+    convert.main(["--input", weights, "--output", str(tmp_path / "back")])
+    back = trainer.restore_checkpoint(trainer.checkpoint_manager(str(tmp_path / "back")), run.initial_state(), config)
+    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
