@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(PYTHON) examples/slot_attention_demo.py $(ARGS)
+	$(PYTHON) train.py --task=discovery $(ARGS)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

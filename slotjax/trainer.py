@@ -192,7 +192,7 @@ class Logger:
             return
         values = {name: float(value) for name, value in values.items()}
         with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as file:
-            file.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+            file.write(json.dumps({"step": step, "split": split, "wall_time": time.time(), **values}) + "\n")
         for name, value in values.items():
             self.writer.scalar(f"{split}/{name}", value, step)
         self.writer.flush()

@@ -203,6 +203,17 @@ def test_clevr_set_prediction_target_encoding_and_padding(clevr_dir):
     np.testing.assert_allclose(batch["image"][0], bilinear_reference(whole, 16), rtol=0, atol=2e-6)
 
 
+def test_clevr_target_maps_class_labels_by_name():
+    reversed_labels = tfds.features.FeaturesDict(
+        {name: tfds.features.ClassLabel(names=order[::-1]) for name, order in SPEC_ORDERS.items()})
+    objects = {"3d_coords": tf.constant([[3.0, -3.0, 0.0]]), **{name: tf.constant([0]) for name in SPEC_ORDERS}}
+    target = datasets._clevr_target(objects, datasets._target_label_orders(reversed_labels)).numpy()
+    np.testing.assert_allclose(target[0, :3], [1.0, 0.0, 0.5])
+    # Class 0 of each reversed feature is the last name of the SPEC order.
+    assert np.flatnonzero(target[0]).tolist() == [0, 2, 4, 6, 9, 17, 18]
+    np.testing.assert_array_equal(target[1:], 0)
+
+
 def test_clevr_processes_read_disjoint_shares_of_the_split(clevr_dir):
     shares = [
         read_all("clevr", clevr_dir, "validation", task="set_prediction", resolution=8, batch_size=8,
@@ -275,7 +286,7 @@ PUBLISHED_FILES = {
     "tetrominoes": "tetrominoes_train.tfrecords",
     "objects_room": "objects_room_train.tfrecords",
 }
-SMALL_RECORD_SPLITS = {"test": (0, 4), "validation": (4, 8), "train": (8, None), "train_eval": (8, 12)}
+SMALL_RECORD_SPLITS = {"validation": (0, 4), "test": (4, 8), "train": (8, None), "train_eval": (8, 12)}
 SINGLE_BYTES = [bytes([value]) for value in range(256)]
 
 
@@ -349,7 +360,7 @@ def test_feature_specs_are_the_published_ones():
 def test_deepmind_images_and_segmentation_at_native_resolution(name, tmp_path, small_splits):
     write_records(name, tmp_path, 8)
     side = PUBLISHED_FEATURES[name]["image"][0][0]
-    batch = read_all(name, str(tmp_path), "validation", resolution=side, batch_size=2)
+    batch = read_all(name, str(tmp_path), "test", resolution=side, batch_size=2)
     assert batch["segmentation"].dtype == np.int32 and batch["image"].dtype == np.float32
     for position, index in enumerate(range(4, 8)):
         image, ids, _ = record_scene(name, index)
@@ -359,8 +370,8 @@ def test_deepmind_images_and_segmentation_at_native_resolution(name, tmp_path, s
 
 def test_clevr_with_masks_crops_filters_clevr6_and_resizes_masks_nearest(tmp_path, small_splits):
     write_records("clevr_with_masks", tmp_path, 8)
-    cropped = read_all("clevr_with_masks", str(tmp_path), "validation", resolution=192, batch_size=1)
-    resized = read_all("clevr_with_masks", str(tmp_path), "validation", resolution=64, batch_size=1)
+    cropped = read_all("clevr_with_masks", str(tmp_path), "test", resolution=192, batch_size=1)
+    resized = read_all("clevr_with_masks", str(tmp_path), "test", resolution=64, batch_size=1)
     # Records 4 to 7 have 7, 4, 9 and 6 objects: CLEVR6 keeps 5 and 7.
     kept = [5, 7]
     assert [record_scene("clevr_with_masks", index)[2] for index in range(4, 8)] == [7, 4, 9, 6]
@@ -375,7 +386,7 @@ def test_clevr_with_masks_crops_filters_clevr6_and_resizes_masks_nearest(tmp_pat
 
 def test_tetrominoes_resize_images_bilinearly_and_masks_nearest(tmp_path, small_splits):
     write_records("tetrominoes", tmp_path, 8)
-    batch = read_all("tetrominoes", str(tmp_path), "test", resolution=64, batch_size=4)
+    batch = read_all("tetrominoes", str(tmp_path), "validation", resolution=64, batch_size=4)
     image, ids, _ = record_scene("tetrominoes", 0)
     np.testing.assert_allclose(batch["image"][0], bilinear_reference(scaled(image).astype(np.float64), 64),
                                rtol=0, atol=2e-6)
@@ -389,8 +400,8 @@ def test_record_splits_are_disjoint_index_ranges(tmp_path, small_splits):
     def indices(split):
         return record_indices(read_all("tetrominoes", str(tmp_path), split, resolution=35, batch_size=1)["image"])
 
-    assert indices("test") == [0, 1, 2, 3]
-    assert indices("validation") == [4, 5, 6, 7]
+    assert indices("validation") == [0, 1, 2, 3]
+    assert indices("test") == [4, 5, 6, 7]
     assert indices("train_eval") == [8, 9, 10, 11]
     assert indices("train") == list(range(8, 20))
 
@@ -423,7 +434,7 @@ def test_shuffling_is_seeded_and_batches_are_full(tmp_path, small_splits):
 def test_files_in_a_subdirectory_named_after_the_data_set_are_found(tmp_path, small_splits):
     (tmp_path / "objects_room").mkdir()
     write_records("objects_room", tmp_path / "objects_room", 4)
-    assert read_all("objects_room", str(tmp_path), "test", resolution=64)["image"].shape == (4, 64, 64, 3)
+    assert read_all("objects_room", str(tmp_path), "validation", resolution=64)["image"].shape == (4, 64, 64, 3)
 
 
 def test_missing_file_names_it_and_the_bucket(tmp_path):
@@ -444,7 +455,7 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, small_splits):
     with open(path, "wb") as file:
         file.write(data[: len(data) // 2])
     batches = datasets.make_dataset("tetrominoes", str(tmp_path), "train", task="discovery", resolution=32,
-                                    batch_size=2, shuffle=False, repeat=False)
+                                    batch_size=2, shuffle=False, repeat=False)  # reads through the whole file
     with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):
         list(batches)
 
@@ -453,7 +464,7 @@ def test_records_of_another_format_are_reported_with_the_file_name(tmp_path, sma
     # objects_room records (64x64, 7 masks) under the tetrominoes name do not parse as tetrominoes.
     (tmp_path / PUBLISHED_FILES["tetrominoes"]).write_bytes(
         open(write_records("objects_room", tmp_path, 4), "rb").read())
-    batches = datasets.make_dataset("tetrominoes", str(tmp_path), "test", task="discovery", resolution=32,
+    batches = datasets.make_dataset("tetrominoes", str(tmp_path), "validation", task="discovery", resolution=32,
                                     batch_size=2, shuffle=False, repeat=False)
     with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):
         next(batches)
