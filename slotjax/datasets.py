@@ -219,9 +219,15 @@ def make_dataset(
         examples = examples.repeat()
     batches = examples.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
-    options.threading.private_threadpool_size = num_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+    options.threading.private_threadpool_size = num_threads or default_num_threads()
     options.threading.max_intra_op_parallelism = 1
     return _numpy_batches(batches.with_options(options), source)
+
+
+def default_num_threads() -> int:
+    """TF threads for decoding: all the cores this process may use but one (left to the training loop)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 def _numpy_batches(batches: tf.data.Dataset, source: str) -> Iterator[dict[str, np.ndarray]]:
@@ -230,8 +236,8 @@ def _numpy_batches(batches: tf.data.Dataset, source: str) -> Iterator[dict[str, 
         yield from batches.as_numpy_iterator()
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
         raise CorruptRecordError(
-            f"Could not read {source}: {error.message.strip()} The file is truncated, corrupt or not in "
-            "the published format; download it again."
+            f"Could not read {source}: {error.message.strip()} The data is truncated, corrupt or not in "
+            "the published format; download (or prepare) it again."
         ) from error
 
 
@@ -262,7 +268,8 @@ def _clevr_examples(
         raise ValueError("CLEVR's test split has no object annotations; use 'validation' for set prediction.")
     name, version = CLEVR_TFDS_NAME.split(":")
     directory = os.path.join(data_dir, name, version)
-    if not download and not (data_dir and tf.io.gfile.exists(os.path.join(directory, "dataset_info.json"))):
+    prepared = bool(data_dir) and tf.io.gfile.exists(os.path.join(directory, "dataset_info.json"))
+    if not prepared and not (download and data_dir):
         raise DatasetNotFoundError(
             f"CLEVR not found: expected the prepared TFDS data set {CLEVR_TFDS_NAME} in {directory!r} "
             f"(dataset_info.json and clevr-*.tfrecord files; data_dir={data_dir!r}). Prepare it once "
@@ -273,7 +280,7 @@ def _clevr_examples(
             "or pass download=True."
         )
     builder = tfds.builder(CLEVR_TFDS_NAME, data_dir=data_dir)
-    if download:
+    if not prepared:
         builder.download_and_prepare()
     tfds_split = {
         "train": f"train[{TRAIN_EVAL_SIZE}:]",
@@ -342,13 +349,13 @@ def _record_examples(
             lambda record: tf.math.count_nonzero(tf.io.parse_single_example(record, visibility_spec)["visibility"][1:])
             <= record_format.max_objects
         )
-    examples = records.map(lambda record: _parse_record(record, record_format), num_parallel_calls=tf.data.AUTOTUNE)
 
-    def preprocess(example):
+    def preprocess(record):
+        example = _parse_record(record, record_format)
         segmentation = tf.argmax(example["mask"], axis=0, output_type=tf.int32)  # [H, W, 1]
         return _preprocess(example["image"], segmentation, record_format.crop, resolution)
 
-    return examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE), path
+    return records.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE), path
 
 
 def _record_file(record_format: RecordFormat, name: str, data_dir: str, download: bool) -> str:
@@ -358,7 +365,7 @@ def _record_file(record_format: RecordFormat, name: str, data_dir: str, download
         if data_dir and tf.io.gfile.exists(path):
             return path
     bucket_file = f"{DEEPMIND_BUCKET}/{name}/{record_format.file_name}"
-    if download:
+    if download and data_dir:
         tf.io.gfile.makedirs(data_dir)
         tf.io.gfile.copy(bucket_file, candidates[0])
         return candidates[0]
