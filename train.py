@@ -38,11 +38,25 @@ def _default_config():
         return configs.get_config()
 
 
+def _check_overrides(argv: list[str], config) -> None:
+    """Unknown --config.FIELD names get one clear message instead of a traceback."""
+    for argument in argv[1:]:
+        if argument.startswith("--config."):
+            field = argument[len("--config."):].split("=", 1)[0].split(".", 1)[0]
+            if field not in config:
+                sys.exit(f"error: unknown config field {field!r} in {argument!r}. "
+                         f"Fields: {', '.join(sorted(config.keys()))}.")
+
+
 flags.DEFINE_enum("task", "discovery", configs.TASKS, "Which model and task.")
 flags.DEFINE_enum("preset", "auto", configs.PRESETS, "Defaults: official (paper), cpu (small), auto (cpu on scenes).")
 flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and evaluate), or only evaluate the last checkpoint.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl, TensorBoard events, images/ (default runs/TASK).")
 flags.DEFINE_string("split", "validation", "Split evaluated by --mode=eval: train_eval, validation or test.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for training on several hosts "
+                    "(default: $JAX_COORDINATOR_ADDRESS, or what SLURM / a TPU pod provides).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) taking part (default: from the cluster).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (default: from the cluster).")
 config_flags.DEFINE_config_dict("config", _default_config(), "Training configuration.", lock_config=True)
 FLAGS = flags.FLAGS
 
@@ -58,12 +72,18 @@ def main(argv):
 
     from slotjax import trainer  # imports JAX: after flag parsing, so --help is quick
 
+    trainer.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+
     print(f"task {config.task}, data set {config.dataset}, preset {config.preset}, work directory {workdir}")
-    if FLAGS.mode == "eval":
-        trainer.evaluate_checkpoint(config, workdir, FLAGS.split)
-    else:
-        trainer.train_and_evaluate(config, workdir)
+    try:
+        if FLAGS.mode == "eval":
+            trainer.evaluate_checkpoint(config, workdir, FLAGS.split)
+        else:
+            trainer.train_and_evaluate(config, workdir)
+    except (ValueError, TypeError, FileNotFoundError, trainer.TrainingError) as error:
+        sys.exit(f"error: {error}")  # one message naming the problem and the fix, no traceback
 
 
 if __name__ == "__main__":
+    _check_overrides(sys.argv, _default_config())
     app.run(main)

@@ -20,6 +20,22 @@ import numpy as np
 from slotjax import scenes
 
 
+def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
+    """Refuses images that are not float [B, R, R, 3], finite and in [-1, 1], naming the problem."""
+    images = batch["image"]
+    if images.ndim != 4 or images.shape[1:] != (resolution, resolution, 3):
+        raise ValueError(f"images have shape {images.shape}; expected [batch, {resolution}, {resolution}, 3]. "
+                         "Set --config.resolution to the data's resolution.")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise TypeError(f"images have dtype {images.dtype}; expected floats in [-1, 1] (uint8 x: x / 127.5 - 1).")
+    if not np.isfinite(images).all():
+        raise ValueError("images contain NaN or inf; check the data set files.")
+    low, high = float(images.min()), float(images.max())
+    if low < -1.0 - 1e-5 or high > 1.0 + 1e-5:
+        raise ValueError(f"image values span [{low:.3g}, {high:.3g}]; expected [-1, 1] (scale x / 127.5 - 1).")
+    return batch
+
+
 def _scene_batch(generator: scenes.Scenes, indices: np.ndarray) -> dict[str, np.ndarray]:
     batch = generator.batch(indices)
     return {

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx, struct
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slotjax import input_pipeline, losses, metrics, visualize
@@ -67,6 +68,20 @@ def compute_loss(task: str, outputs: dict, batch: dict) -> jax.Array:
     if task == "discovery":
         return losses.mse_loss(outputs["reconstruction"], batch["image"])
     return losses.hungarian_huber_loss(outputs["predictions"], batch["target"])
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-process run when one is asked for (flags, $JAX_COORDINATOR_ADDRESS, SLURM, TPU pods).
+
+    A single process on a machine with no cluster environment needs nothing.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    cluster = any(name in os.environ for name in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    if not coordinator_address and not cluster:
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # collectives between CPU processes
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -144,6 +159,7 @@ class Trainer:
 
     def shard(self, batch: dict) -> dict:
         """This process's numpy batch -> global arrays sharded along the data axis."""
+        input_pipeline.check_batch(batch, self.config.resolution)
         return {key: jax.make_array_from_process_local_data(self.data_sharding, value) for key, value in batch.items()}
 
     def evaluate(self, params, split: str) -> tuple[dict[str, float], np.ndarray]:
@@ -152,7 +168,10 @@ class Trainer:
         counts: dict[str, int] = {}
         predictions, targets, picture = [], [], None
         for batch in input_pipeline.eval_batches(self.config, split, jax.process_index(), jax.process_count()):
-            result = jax.device_get(self.eval_step(params, self.shard(batch)))
+            global_batch = self.shard(batch)
+            # every process gets the whole global batch and its outputs (numpy)
+            result, batch = multihost_utils.process_allgather((self.eval_step(params, global_batch), global_batch),
+                                                              tiled=True)
             outputs = result.pop("outputs")
             for name, value in result.items():
                 value = np.asarray(value, np.float64).ravel()
