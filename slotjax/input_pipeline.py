@@ -87,7 +87,7 @@ def eval_batches(config, split: str, process_index: int = 0, process_count: int 
 
         dataset = datasets.make_dataset(
             config.dataset, config.data_dir, split, task=config.task, resolution=config.resolution,
-            batch_size=share.stop - share.start, shuffle=False, repeat=False,
+            batch_size=share.stop - share.start, shuffle=False, repeat=True,  # every process gets num_batches
             process_index=process_index, process_count=process_count,
         )
         return (batch for _, batch in zip(range(num_batches), dataset))

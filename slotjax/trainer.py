@@ -26,7 +26,7 @@ from flax import nnx, struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slotjax import input_pipeline, losses, metrics, visualize
+from slotjax import input_pipeline, losses, metrics, scenes, visualize
 from slotjax.models import SetPredictor, SlotAutoencoder
 from slotjax.optim import learning_rate_schedule, make_optimizer
 
@@ -108,6 +108,11 @@ class Trainer:
                     f"{name}={config[name]} is not divisible by the {self.mesh.size} devices; "
                     f"use a multiple of {self.mesh.size} or set --config.num_devices."
                 )
+        if config.task == "set_prediction" and config.num_slots < scenes.MAX_OBJECTS_TARGET:
+            raise ValueError(
+                f"num_slots={config.num_slots} is below the {scenes.MAX_OBJECTS_TARGET} target rows of set prediction: "
+                "the Hungarian matching would leave objects unmatched. Use --config.num_slots >= 10."
+            )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         model = build_model(config)

@@ -13,7 +13,7 @@ def tiny_config(task: str = "discovery", **overrides):
     if task == "discovery":
         config.decoder_features = 8
     else:
-        config.head_hidden_size = 16
+        config.update(head_hidden_size=16, num_slots=10)
     config.update(overrides)
     return config
 
