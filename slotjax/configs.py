@@ -32,6 +32,8 @@ def _common() -> ml_collections.ConfigDict:
     config.max_checkpoints_to_keep = 3
     config.num_devices = 0  # data-parallel over this many local devices; 0 = all
     config.nonfinite_loss = "stop"  # "stop" training, or "skip" the batch
+    config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 parameters, softmax, normalisations)
+    config.remat_decoder = False  # recompute the decoder's activations in the backward pass (less memory)
     # Embedded data set: objects per scene (the data set itself, not the model).
     config.min_objects = 2
     config.max_objects = 6

@@ -108,7 +108,7 @@ class SlotAutoencoder(nnx.Module):
 
     def __init__(self, resolution: int = 128, num_slots: int = 7, num_iterations: int = 3, slot_size: int = 64,
                  encoder_features: int = 64, decoder_features: int = 64, mlp_hidden_size: int = 128,
-                 broadcast_resolution: int = 8, *, rngs: nnx.Rngs):
+                 broadcast_resolution: int = 8, remat_decoder: bool = False, *, rngs: nnx.Rngs):
         num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
         if num_upsamples < 1 or not num_upsamples.is_integer():
             raise ValueError(
@@ -117,6 +117,7 @@ class SlotAutoencoder(nnx.Module):
             )
         self.resolution = resolution
         self.broadcast_resolution = broadcast_resolution
+        self.remat_decoder = remat_decoder  # recompute the decoder's activations (the largest) in the backward pass
         self.encoder = SlotEncoder(resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations,
                                    mlp_hidden_size, rngs=rngs)
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
@@ -127,10 +128,11 @@ class SlotAutoencoder(nnx.Module):
         batch_size, num_slots, slot_size = slots.shape
         size = self.broadcast_resolution
         broadcast = jnp.broadcast_to(slots.reshape(-1, 1, 1, slot_size), (batch_size * num_slots, size, size, slot_size))
-        decoded = self.decoder_cnn(self.decoder_pos(broadcast))  # [B * K, H, W, 4]
+        decode = nnx.remat(DecoderCNN.__call__) if self.remat_decoder else DecoderCNN.__call__
+        decoded = decode(self.decoder_cnn, self.decoder_pos(broadcast))  # [B * K, H, W, 4]
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
-        slot_reconstructions, alpha_logits = decoded[..., :3], decoded[..., 3:]
-        masks = jax.nn.softmax(alpha_logits, axis=1)
+        slot_reconstructions, alpha_logits = decoded[..., :3].astype(jnp.float32), decoded[..., 3:]
+        masks = jax.nn.softmax(alpha_logits.astype(jnp.float32), axis=1)
         return {
             "reconstruction": jnp.sum(slot_reconstructions * masks, axis=1),
             "slot_reconstructions": slot_reconstructions,
@@ -158,4 +160,5 @@ class SetPredictor(nnx.Module):
 
     def __call__(self, images: jax.Array, **slot_attention_options) -> dict[str, jax.Array]:
         slots, aux = self.encoder(images, **slot_attention_options)
-        return {"predictions": jax.nn.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}
+        predictions = jax.nn.sigmoid(self.mlp_classifier(slots).astype(jnp.float32))
+        return {"predictions": predictions, "slots": slots, "attention": aux["attention"]}

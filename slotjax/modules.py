@@ -155,7 +155,7 @@ class SlotAttention(nnx.Module):
             slots_prev = slots
             queries = self.project_q(self.norm_slots(slots)) * self.slot_size**-0.5  # [B, K, D]
             logits = jnp.einsum("bnd,bkd->bnk", keys, queries)
-            attention = jax.nn.softmax(logits, axis=-1)  # slots compete for each input
+            attention = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # slots compete for each input
             attention_maps.append(attention)
             weights = attention + self.attention_epsilon
             weights = weights / jnp.sum(weights, axis=1, keepdims=True)  # weighted mean over inputs
@@ -306,11 +306,13 @@ class Conv(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1, *, rngs: nnx.Rngs):
         self.stride = stride
+        self.dtype = None  # compute dtype (None: the parameters'); see set_compute_dtype
         self.kernel = nnx.Param(glorot_uniform(rngs.params(), (kernel_size, kernel_size, in_features, out_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
 
     def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, in] -> [B, H / stride, W / stride, out]
-        return conv2d(images, self.kernel[...], self.stride) + self.bias[...]
+        images, kernel, bias = nnx.nn.dtypes.promote_dtype((images, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        return conv2d(images, kernel, self.stride) + bias
 
 
 class ConvTranspose(nnx.Module):
@@ -324,10 +326,26 @@ class ConvTranspose(nnx.Module):
 
     def __init__(self, in_features: int, out_features: int, kernel_size: int, stride: int = 1, *, rngs: nnx.Rngs):
         self.stride = stride
+        self.dtype = None  # compute dtype (None: the parameters'); see set_compute_dtype
         # Keras counts the fans of [k, k, out, in] as fan_in = k*k*out, fan_out = k*k*in.
         self.kernel = nnx.Param(glorot_uniform(rngs.params(), (kernel_size, kernel_size, out_features, in_features)))
         self.bias = nnx.Param(jnp.zeros((out_features,)))
 
     def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, in] -> [B, s * H, s * W, out]
-        conv_kernel, padding = transposed_conv_as_conv(self.kernel[...], self.stride)
-        return depth_to_space(conv2d(images, conv_kernel, 1, padding), self.stride) + self.bias[...]
+        images, kernel, bias = nnx.nn.dtypes.promote_dtype((images, self.kernel[...], self.bias[...]), dtype=self.dtype)
+        conv_kernel, padding = transposed_conv_as_conv(kernel, self.stride)
+        return depth_to_space(conv2d(images, conv_kernel, 1, padding), self.stride) + bias
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
+    """Mixed precision: Dense and conv layers compute in `dtype` (e.g. bfloat16), in place.
+
+    Parameters stay float32; LayerNorms, softmaxes (attention, masks) and the
+    GRU's state update still compute in float32.
+    """
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, (nnx.Linear, Conv, ConvTranspose)):
+            module.dtype = dtype
+        elif isinstance(module, nnx.LayerNorm):
+            module.dtype = jnp.float32
+    return model

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slotjax import input_pipeline, losses, metrics, scenes, visualize
 from slotjax.models import SetPredictor, SlotAutoencoder
+from slotjax.modules import set_compute_dtype
 from slotjax.optim import learning_rate_schedule, make_optimizer
 
 MAX_ENTITIES = 11  # ground-truth ids 0..10 (CLEVR with masks has the most: 10 objects + background)
@@ -60,8 +61,13 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
     name, arguments = model_spec(config)
+    if name == "SlotAutoencoder":
+        arguments["remat_decoder"] = config.get("remat_decoder", False)
     model_class = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}[name]
-    return model_class(**arguments, rngs=nnx.Rngs(config.seed if seed is None else seed))
+    model = model_class(**arguments, rngs=nnx.Rngs(config.seed if seed is None else seed))
+    if config.get("compute_dtype", "float32") != "float32":
+        set_compute_dtype(model, jnp.dtype(config.compute_dtype))
+    return model
 
 
 def compute_loss(task: str, outputs: dict, batch: dict) -> jax.Array:
