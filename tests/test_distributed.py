@@ -57,6 +57,11 @@ def test_eight_devices_train_like_one(tmp_path):
     (eight,) = run_workers(tmp_path, "eight", num_devices=0, device_count=8)
     assert int(eight["device_count"]) == 8 and len(single["losses"]) == 4
     assert_same_training(eight, single)
+    # the single-device checkpoint restores on 8 devices, unchanged
+    (restored,) = run_workers(tmp_path, "one", num_devices=0, device_count=8)
+    for name in single:
+        if name.isdigit():
+            np.testing.assert_array_equal(restored[name], single[name])
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ LEARNING = dict(resolution=16, batch_size=16, eval_batch_size=64, num_eval_examp
 
 def train_and_compare(task: str, num_steps: int, tmp_path, **overrides) -> tuple[dict, dict]:
     """Metrics of the untrained model (step 0 weights) and after `num_steps` steps, on the same validation scenes."""
-    config = tiny_config(task, **LEARNING, num_train_steps=num_steps, eval_every=num_steps,
-                         decay_steps=10 * num_steps, **overrides)
+    config = tiny_config(task, **{**LEARNING, **overrides}, num_train_steps=num_steps, eval_every=num_steps,
+                         decay_steps=10 * num_steps)
     run = trainer.Trainer(config)
     untrained, _ = run.evaluate(run.initial_state().params, "validation")
     trained = trainer.train_and_evaluate(config, str(tmp_path), print_fn=lambda line: None)
@@ -30,6 +30,7 @@ def test_discovery_learns_objects(tmp_path):
 
 @pytest.mark.slow
 def test_set_prediction_learns_objects(tmp_path):
-    untrained, trained = train_and_compare("set_prediction", 400, tmp_path, head_hidden_size=32)
+    untrained, trained = train_and_compare("set_prediction", 800, tmp_path, head_hidden_size=32, resolution=32,
+                                           min_objects=1, max_objects=2)
     assert trained["loss"] < 0.7 * untrained["loss"]
     assert trained["ap_inf"] > untrained["ap_inf"] + 0.1, (untrained, trained)
