@@ -1,0 +1,360 @@
+"""Step time of slotjax against torch_reference: same configuration, same machine, one run.
+
+    python benchmarks/step_time.py [--repeats 5] [--threads N] [--only NAME ...]
+        [--official] [--batch-size B] [--peak-tflops T] [--json PATH]
+
+Rows: the Slot Attention module alone (batch 64, 1024 inputs of size 64, 7
+slots of size 64, 3 iterations) and both task models (CPU presets, or the
+official 128x128 configurations with --official, batch 64), each as a forward
+pass and as a full training step (forward, backward w.r.t. the parameters,
+Adam update). `--only discovery` runs the rows whose name starts with it.
+
+JAX: the step is a pure function of (state, batch), `jax.jit`-ed with the state
+donated. PyTorch: eager, and `torch.compile` of the model (the loss and Adam
+stay eager; the set-prediction loss solves the matching with scipy on the
+host). Compilation and warm-up are excluded from the step times; the JAX
+compile time (lower + compile) and the torch.compile time (its two warm-up
+calls, compilation included; inductor caches compiled graphs on disk, so a
+second run of the script compiles faster) are reported on their own. Times
+are medians over --repeats steps. On GPU the table adds JAX images/s and the
+share of --peak-tflops that the step's FLOPs (XLA's cost analysis) reach.
+
+Threads: torch.set_num_threads(N) for PyTorch; for XLA, PJRT_NPROC=N sizes
+the CPU client's intra-op (Eigen) thread pool. The flag once spelled
+`intra_op_parallelism_threads` is not an XLA flag (XLA_FLAGS rejects it), so
+XLA_FLAGS only gets `--xla_cpu_multi_thread_eigen=true` (the default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per row (median reported)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="threads for both frameworks (default: all cores this process may use)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only rows whose name starts with NAME")
+    parser.add_argument("--official", action="store_true",
+                        help="official 128x128 configurations of both tasks (meant for a GPU)")
+    parser.add_argument("--batch-size", type=int,
+                        help="batch size of the task models (default: the CPU preset's, or 64 with --official)")
+    parser.add_argument("--peak-tflops", type=float,
+                        help="the accelerator's peak TFLOP/s, for the FLOP/s share on GPU (e.g. H100 SXM: "
+                             "67 float32, 495 TF32 dense; JAX multiplies float32 in TF32 on GPU by default)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    return parser
+
+
+ARGS = build_parser().parse_args() if __name__ == "__main__" else build_parser().parse_args([])
+# Before jax is imported: the size of XLA's CPU thread pool is read when the client starts.
+os.environ["PJRT_NPROC"] = str(ARGS.threads)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import jaxlib  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import slotjax  # noqa: E402
+import torch_reference  # noqa: E402
+import torch_reference.losses  # noqa: E402
+import torch_reference.optim  # noqa: E402
+from slotjax import configs, losses, optim, trainer  # noqa: E402
+from slotjax.convert import flax_to_torch  # noqa: E402
+from slotjax.models import NUM_PROPERTIES  # noqa: E402
+from slotjax.scenes import MAX_OBJECTS_TARGET  # noqa: E402
+
+torch.set_num_threads(ARGS.threads)
+TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The Slot Attention probe of the issue, and the optimiser of the official configs.
+PROBE = dict(batch_size=64, num_inputs=1024, input_size=64, num_slots=7, slot_size=64, num_iterations=3)
+ADAM = dict(learning_rate=4e-4, warmup_steps=10_000, decay_steps=100_000)
+
+
+@dataclass
+class Workload:
+    """One model in both frameworks, with the same weights, batch and loss."""
+
+    name: str
+    jax_model: nnx.Module
+    torch_model: torch.nn.Module
+    batch: dict[str, np.ndarray]  # JAX layout; "inputs" is what the model is called on
+    jax_loss: Callable[[Any, dict], jax.Array]  # (outputs, batch) -> scalar
+    torch_loss: Callable[[Any, dict], torch.Tensor]
+    optimizer: dict  # make_optimizer's arguments
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.batch["inputs"])
+
+    def torch_batch(self) -> dict[str, torch.Tensor]:
+        def convert(name, value):
+            if name == "inputs" and value.ndim == 4:  # images: NHWC -> NCHW
+                value = value.transpose(0, 3, 1, 2)
+            return torch.from_numpy(np.ascontiguousarray(value)).to(TORCH_DEVICE)
+
+        return {name: convert(name, value) for name, value in self.batch.items()}
+
+
+def twin(jax_model: nnx.Module, torch_model: torch.nn.Module) -> torch.nn.Module:
+    """The torch model with the JAX model's weights (load_state_dict also checks the configurations agree)."""
+    torch_model.load_state_dict({name: torch.from_numpy(value) for name, value in flax_to_torch(jax_model).items()})
+    return torch_model.to(TORCH_DEVICE)
+
+
+def slot_attention_workload(official: bool, batch_size: int | None) -> Workload:
+    """The module alone (the probe size either way); loss: mean square of the slots."""
+    p = PROBE
+    jax_model = slotjax.SlotAttention(p["num_slots"], p["slot_size"], input_size=p["input_size"],
+                                      num_iterations=p["num_iterations"], rngs=nnx.Rngs(0))
+    torch_model = torch_reference.SlotAttention(p["num_slots"], p["slot_size"], input_size=p["input_size"],
+                                                num_iterations=p["num_iterations"])
+    inputs = np.random.default_rng(0).normal(size=(p["batch_size"], p["num_inputs"], p["input_size"]))
+    return Workload("slot_attention", jax_model, twin(jax_model, torch_model), {"inputs": inputs.astype(np.float32)},
+                    jax_loss=lambda slots, batch: jnp.mean(jnp.square(slots)),
+                    torch_loss=lambda slots, batch: torch.mean(torch.square(slots)), optimizer=ADAM)
+
+
+def task_workload(task: str, official: bool, batch_size: int | None) -> Workload:
+    """A task model at its CPU preset (or official configuration) with its training loss."""
+    config = configs.get_config(task, "official" if official else "cpu")
+    batch_size = batch_size or (64 if official else config.batch_size)
+    name, arguments = trainer.model_spec(config)
+    jax_model = trainer.build_model(config)
+    torch_model = twin(jax_model, getattr(torch_reference, name)(**arguments))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.uniform(-1, 1, (batch_size, config.resolution, config.resolution, 3)).astype(np.float32)}
+    if task == "discovery":
+        jax_loss = lambda outputs, batch: losses.mse_loss(outputs["reconstruction"], batch["inputs"])  # noqa: E731
+        torch_loss = lambda outputs, batch: torch_reference.losses.mse_loss(  # noqa: E731
+            outputs["reconstruction"], batch["inputs"])
+    else:
+        batch["targets"] = rng.uniform(0, 1, (batch_size, MAX_OBJECTS_TARGET, NUM_PROPERTIES)).astype(np.float32)
+        jax_loss = lambda outputs, batch: losses.hungarian_huber_loss(  # noqa: E731
+            outputs["predictions"], batch["targets"])
+        torch_loss = lambda outputs, batch: torch_reference.losses.hungarian_huber_loss(  # noqa: E731
+            outputs["predictions"], batch["targets"])
+    optimizer = dict(learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                     decay_steps=config.decay_steps, decay_rate=config.decay_rate)
+    return Workload(task, jax_model, torch_model, batch, jax_loss, torch_loss, optimizer)
+
+
+WORKLOADS = {
+    "slot_attention": slot_attention_workload,
+    "discovery": lambda official, batch_size: task_workload("discovery", official, batch_size),
+    "set_prediction": lambda official, batch_size: task_workload("set_prediction", official, batch_size),
+}
+
+
+# ---------------------------------------------------------------------------------------------- JAX
+
+
+def time_jax(step: Callable, state, batch, repeats: int) -> dict[str, float]:
+    """`step(state, batch) -> (state, output)` jitted with the state donated: median ms, compile s, FLOPs."""
+    state = jax.tree.map(jnp.copy, state)  # donated below: the model keeps its own arrays
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    state, output = jax.block_until_ready(compiled(state, batch))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        state, output = jax.block_until_ready(compiled(state, batch))
+        times.append(time.perf_counter() - start)
+    return {"jax_ms": 1e3 * statistics.median(times), "jax_compile_s": compile_s,
+            "flops": float((cost or {}).get("flops", float("nan")))}
+
+
+def jax_forward(workload: Workload, repeats: int) -> dict[str, float]:
+    graphdef, params, rest = nnx.split(workload.jax_model, nnx.Param, ...)
+
+    def step(params, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return params, model(batch["inputs"], key=jax.random.key(0))
+
+    return time_jax(step, params, jax.device_put(workload.batch), repeats)
+
+
+def jax_train(workload: Workload, repeats: int) -> dict[str, float]:
+    graphdef, params, rest = nnx.split(workload.jax_model, nnx.Param, ...)
+    optimizer = optim.make_optimizer(**workload.optimizer)
+
+    def step(state, batch):
+        params, opt_state = state
+
+        def loss_fn(params):
+            outputs = nnx.merge(graphdef, params, rest, copy=True)(batch["inputs"], key=jax.random.key(0))
+            return workload.jax_loss(outputs, batch)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    state = (params, optimizer.init(params))
+    return time_jax(step, state, jax.device_put(workload.batch), repeats)
+
+
+# ------------------------------------------------------------------------------------------ PyTorch
+
+
+def _synchronize() -> None:
+    if TORCH_DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_torch(step: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median ms of `step()` over `repeats` calls, and the seconds the `warmup` calls before took."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    _synchronize()
+    warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronize()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times), warmup_s
+
+
+def torch_forward_step(workload: Workload, model: Callable) -> Callable[[], Any]:
+    batch = workload.torch_batch()
+
+    @torch.no_grad()
+    def step():
+        return model(batch["inputs"])
+
+    return step
+
+
+def torch_train_step(workload: Workload, model: Callable) -> Callable[[], Any]:
+    batch = workload.torch_batch()
+    optimizer, scheduler = torch_reference.optim.make_optimizer(workload.torch_model.parameters(),
+                                                                **workload.optimizer)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = workload.torch_loss(model(batch["inputs"]), batch)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        return loss
+
+    return step
+
+
+def time_torch_both(workload: Workload, make_step: Callable, repeats: int, use_compile: bool) -> dict[str, Any]:
+    """Eager, then torch.compile of the model ("n/a" and the reason where it fails)."""
+    row: dict[str, Any] = {}
+    row["torch_ms"], _ = time_torch(make_step(workload, workload.torch_model), repeats)
+    if not use_compile:
+        row["torch_compile_ms"] = None
+        return row
+    try:
+        torch._dynamo.reset()
+        compiled = torch.compile(workload.torch_model)
+        row["torch_compile_ms"], row["torch_compile_s"] = time_torch(make_step(workload, compiled), repeats)
+    except Exception as error:  # noqa: BLE001 - any failure of torch.compile is reported, not fatal
+        row["torch_compile_ms"] = None
+        row["torch_compile_note"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+    return row
+
+
+# --------------------------------------------------------------------------------------------- Rows
+
+
+def forward_row(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    return {**jax_forward(workload, args.repeats),
+            **time_torch_both(workload, torch_forward_step, args.repeats, not args.no_compile)}
+
+
+def train_row(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
+    return {**jax_train(workload, args.repeats),
+            **time_torch_both(workload, torch_train_step, args.repeats, not args.no_compile)}
+
+
+ROWS = {f"{workload}/{mode}": (workload, row) for workload in WORKLOADS
+        for mode, row in (("forward", forward_row), ("train_step", train_row))}
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    names = [name for name in ROWS if not args.only or any(name.startswith(prefix) for prefix in args.only)]
+    if not names:
+        raise SystemExit(f"--only {' '.join(args.only)} matches none of: {', '.join(ROWS)}")
+    workloads: dict[str, Workload] = {}
+    rows = []
+    for name in names:
+        workload_name, row_function = ROWS[name]
+        if workload_name not in workloads:
+            workloads[workload_name] = WORKLOADS[workload_name](args.official, args.batch_size)
+        workload = workloads[workload_name]
+        print(f"running {name} (batch {workload.batch_size}) ...", flush=True)
+        row = {"name": name, "batch_size": workload.batch_size, **row_function(workload, args)}
+        row["ratio_jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
+        row["jax_images_per_s"] = workload.batch_size / (row["jax_ms"] / 1e3)
+        if args.peak_tflops:
+            row["jax_flops_share"] = row["flops"] / (row["jax_ms"] / 1e3) / (args.peak_tflops * 1e12)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], gpu: bool) -> str:
+    def cell(value, digits):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    columns = [("name", "name", None), ("jax_ms", "JAX ms", 1), ("torch_ms", "PyTorch eager ms", 1),
+               ("torch_compile_ms", "torch.compile ms", 1), ("ratio_jax_over_torch", "JAX / eager", 2),
+               ("jax_compile_s", "JAX compile s", 1), ("torch_compile_s", "torch.compile s", 1)]
+    if gpu:
+        columns += [("jax_images_per_s", "JAX images/s", 0), ("jax_flops_share", "share of peak FLOP/s", 3)]
+    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |",
+             "|" + "|".join("---" if digits is None else "---:" for _, _, digits in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(row[key] if digits is None else cell(row.get(key), digits)
+                                       for key, _, digits in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = ARGS
+    gpu = jax.default_backend() == "gpu"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    print(f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()}: {jax.devices()[0]}), "
+          f"Flax {flax.__version__}, torch {torch.__version__} ({TORCH_DEVICE}); CPU {cpu}, "
+          f"{args.threads} threads; {'official' if args.official else 'CPU preset'} configurations; "
+          f"median of {args.repeats}", flush=True)
+    rows = run(args)
+    print()
+    print(markdown_table(rows, gpu))
+    for row in rows:
+        if row.get("torch_compile_note"):
+            print(f"\ntorch.compile n/a for {row['name']}: {row['torch_compile_note']}")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"rows": rows, "threads": args.threads, "repeats": args.repeats, "official": args.official,
+                       "backend": jax.default_backend(), "cpu": cpu}, file, indent=2)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
