@@ -39,14 +39,23 @@ def _default_config():
 
 
 def _check_overrides(argv: list[str], config) -> None:
-    """Unknown --config.FIELD names get one clear message instead of a traceback."""
+    """Unknown --config.FIELD names get one clear message instead of a traceback.
+
+    Runs before `config_flags.DEFINE_config_dict`, which already reads the overrides in sys.argv.
+    """
     for argument in argv[1:]:
         if argument.startswith("--config."):
-            field = argument[len("--config."):].split("=", 1)[0].split(".", 1)[0]
-            if field not in config:
-                sys.exit(f"error: unknown config field {field!r} in {argument!r}. "
-                         f"Fields: {', '.join(sorted(config.keys()))}.")
+            path = argument[len("--config."):].split("=", 1)[0]
+            node = config
+            for field in path.split("."):
+                if not hasattr(node, "keys") or field not in node:
+                    fields = f" Fields: {', '.join(sorted(node.keys()))}." if hasattr(node, "keys") else ""
+                    sys.exit(f"error: unknown config field {path!r} in {argument!r}.{fields}")
+                node = node[field]
 
+
+if __name__ == "__main__":  # before DEFINE_config_dict below: it parses the --config.* overrides while defined
+    _check_overrides(sys.argv, _default_config())
 
 flags.DEFINE_enum("task", "discovery", configs.TASKS, "Which model and task.")
 flags.DEFINE_enum("preset", "auto", configs.PRESETS, "Defaults: official (paper), cpu (small), auto (cpu on scenes).")
@@ -85,5 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _check_overrides(sys.argv, _default_config())
     app.run(main)

@@ -96,11 +96,15 @@ def flax_to_torch(module: nnx.Module) -> dict[str, np.ndarray]:
 def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.Module:
     """Loads a `torch_reference` state dict (torch tensors or arrays) into `module`, in place.
 
-    Refuses missing, unexpected or misshapen parameters, naming each one.
+    Refuses missing, unexpected, misshapen, non-numeric or non-finite parameters, naming each one.
     """
+    if not isinstance(module, nnx.Module):
+        raise TypeError(f"module is a {type(module).__name__}; expected the nnx.Module to load the weights into.")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict is a {type(state_dict).__name__}; expected a mapping {{name: tensor or array}}.")
     plan = _plan(module)
-    missing = sorted(set(plan) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(plan))
+    missing = sorted(set(plan) - set(state_dict), key=str)
+    unexpected = sorted(set(state_dict) - set(plan), key=str)
     if missing or unexpected:
         raise ConversionError(
             f"The weights do not belong to this {type(module).__name__}: missing {missing or 'none'}, "
@@ -109,16 +113,26 @@ def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.M
     params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
     converted = {}  # everything is checked before anything is written
     for torch_name, (path, order) in plan.items():
-        value = _to_numpy(state_dict[torch_name])
+        try:
+            value = _to_numpy(state_dict[torch_name])
+        except (TypeError, ValueError) as error:  # e.g. ragged nested lists
+            raise ConversionError(f"Parameter {torch_name!r} is not an array: {error}") from error
         expected = _expected_torch_shape(params[path].shape, order)
         if value.shape != expected:
             raise ConversionError(
                 f"Parameter {torch_name!r} (Flax {_dotted(path)}) has shape {value.shape} in the weights "
                 f"but the model expects {expected}. Build the model with the configuration the weights were trained with."
             )
+        if value.dtype.kind not in "biuf" and not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 is kind "V"
+            raise ConversionError(f"Parameter {torch_name!r} has dtype {value.dtype}; expected real numbers.")
+        with np.errstate(over="ignore"):
+            value = np.asarray(value, dtype=params[path].dtype)
+        if not np.isfinite(value).all():
+            raise ConversionError(f"Parameter {torch_name!r} holds NaN or inf (in the model's {value.dtype}); "
+                                  "the weights are broken (a diverged run?).")
         converted[path] = value if order is None else value.transpose(np.argsort(order))
     for path, value in converted.items():
-        params[path][...] = np.asarray(value, dtype=params[path].dtype)
+        params[path][...] = value
     return module
 
 
@@ -128,7 +142,10 @@ def _expected_torch_shape(flax_shape, order) -> tuple[int, ...]:
 
 def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # numpy has no bfloat16; float32 holds it exactly
+            value = value.float()
+        value = value.numpy()
     return np.asarray(value)
 
 
@@ -168,20 +185,44 @@ def _read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
-    try:
-        if path.endswith((".pt", ".pth")):
-            import torch
+    if path.endswith((".pt", ".pth")):
+        import pickle
 
+        import torch
+
+        try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)  # never unpickles code
-            if "state_dict" in loaded:
-                return {k: _to_numpy(v) for k, v in loaded["state_dict"].items()}, dict(loaded.get("metadata", {}))
-            return {name: _to_numpy(value) for name, value in loaded.items()}, {}
-        from safetensors import safe_open
+        except pickle.UnpicklingError as error:
+            raise ConversionError(
+                f"Refused to load {path!r}: it holds pickled Python objects other than tensors, which could run code "
+                f"when loaded (torch.load(weights_only=True) says: {_unpickling_reason(error)})."
+            ) from error
+        except Exception as error:  # truncated or foreign files
+            raise ConversionError(f"Could not read weights from {path!r}: {error}. Is the file complete?") from error
+        metadata = {}
+        if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+            loaded, metadata = loaded["state_dict"], loaded.get("metadata", {})
+        if not isinstance(loaded, dict) or not isinstance(metadata, dict):
+            raise ConversionError(f"{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}} "
+                                  "(or {'state_dict': ..., 'metadata': ...}).")
+        for name, value in loaded.items():
+            if not isinstance(value, torch.Tensor):
+                raise ConversionError(f"{path!r} holds a {type(value).__name__} at {name!r}, not a tensor.")
+        return {name: _to_numpy(value) for name, value in loaded.items()}, dict(metadata)
+    from safetensors import safe_open
 
+    try:
         with safe_open(path, framework="numpy") as file:
             return {name: file.get_tensor(name) for name in file.keys()}, dict(file.metadata() or {})
     except Exception as error:  # truncated, altered or foreign files
         raise ConversionError(f"Could not read weights from {path!r}: {error}. Is the file complete?") from error
+
+
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's long weights_only message that names the refused object."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    details = [line for line in lines[1:] if not line.startswith(("Check the documentation", "Please file an issue"))]
+    return (details or lines or [type(error).__name__])[0]
 
 
 def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:

@@ -21,18 +21,35 @@ from slotjax import scenes
 
 
 def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
-    """Refuses images that are not float [B, R, R, 3], finite and in [-1, 1], naming the problem."""
-    images = batch["image"]
+    """Refuses a batch whose images are not float [B, R, R, 3] (B >= 1), finite and in [-1, 1], whose other
+    arrays do not have B rows, or whose set-prediction targets are not finite floats, naming the problem."""
+    if not hasattr(batch, "keys") or "image" not in batch:
+        holds = sorted(map(str, batch.keys())) if hasattr(batch, "keys") else f"a {type(batch).__name__}"
+        raise ValueError(f"the batch has no 'image' entry (it is {holds}); expected a dict of arrays.")
+    images = np.asarray(batch["image"])
     if images.ndim != 4 or images.shape[1:] != (resolution, resolution, 3):
         raise ValueError(f"images have shape {images.shape}; expected [batch, {resolution}, {resolution}, 3]. "
                          "Set --config.resolution to the data's resolution.")
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"images have dtype {images.dtype}; expected floats in [-1, 1] (uint8 x: x / 127.5 - 1).")
+    if images.shape[0] == 0:
+        raise ValueError("the batch holds no images.")
     if not np.isfinite(images).all():
         raise ValueError("images contain NaN or inf; check the data set files.")
     low, high = float(images.min()), float(images.max())
     if low < -1.0 - 1e-5 or high > 1.0 + 1e-5:
         raise ValueError(f"image values span [{low:.3g}, {high:.3g}]; expected [-1, 1] (scale x / 127.5 - 1).")
+    for name, value in batch.items():
+        shape = np.shape(value)
+        if not shape or shape[0] != images.shape[0]:
+            raise ValueError(f"batch[{name!r}] has shape {shape} but there are {images.shape[0]} images; "
+                             "every entry needs one row per image.")
+    if "target" in batch:
+        targets = np.asarray(batch["target"])
+        if not np.issubdtype(targets.dtype, np.floating):
+            raise TypeError(f"targets have dtype {targets.dtype}; expected floats.")
+        if not np.isfinite(targets).all():
+            raise ValueError("targets contain NaN or inf; check the data set files.")
     return batch
 
 

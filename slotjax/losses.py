@@ -13,6 +13,20 @@ import jax.numpy as jnp
 import optax
 
 
+def _check_sets(predictions: jax.Array, targets: jax.Array) -> None:
+    """Refuses sets that are not [B, K, D] and [B, M, D] arrays of the same B and D (static, free under jit)."""
+    for name, array in (("predictions", predictions), ("targets", targets)):
+        if getattr(array, "ndim", None) != 3:
+            raise ValueError(f"{name} have shape {getattr(array, 'shape', type(array).__name__)}; "
+                             "expected [batch, set size, features].")
+    if predictions.shape[0] != targets.shape[0] or predictions.shape[2] != targets.shape[2]:
+        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} must have the "
+                         "same batch size and number of features.")
+    for name, array in (("predictions", predictions), ("targets", targets)):
+        if not jnp.issubdtype(array.dtype, jnp.floating):
+            raise TypeError(f"{name} have dtype {array.dtype}; expected floats.")
+
+
 def pairwise_huber_cost(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     """Huber (delta 1) cost between every target and every prediction.
 
@@ -23,6 +37,7 @@ def pairwise_huber_cost(predictions: jax.Array, targets: jax.Array) -> jax.Array
     Returns:
       [B, M, K]: cost[b, i, j] = mean over D of Huber(targets[b, i] - predictions[b, j]).
     """
+    _check_sets(predictions, targets)
     differences = targets[:, :, None, :] - predictions[:, None, :, :]  # [B, M, K, D]
     return optax.losses.huber_loss(differences, delta=1.0).mean(axis=-1)
 

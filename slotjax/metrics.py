@@ -241,6 +241,9 @@ def average_precision(
 
     Returns:
       AP in [0, 1]; NaN if there is no real target.
+
+    Raises:
+      ValueError: arrays that are not [B, *, 19] with the same B; TypeError: a threshold that is no number.
     """
     return average_precision_at_thresholds(predictions, targets, (distance_threshold,))[
         ap_metric_name(distance_threshold)
@@ -258,14 +261,22 @@ def average_precision_at_thresholds(
     """
     predictions = np.asarray(predictions, dtype=np.float64)
     targets = np.asarray(targets, dtype=np.float64)
+    size = _PRESENT + 1
+    for name, array in (("predictions", predictions), ("targets", targets)):
+        if array.ndim != 3 or array.shape[-1] != size:
+            raise ValueError(f"{name} have shape {array.shape}; expected [batch, objects, {size}].")
+    if predictions.shape[0] != targets.shape[0]:
+        raise ValueError(f"predictions have {predictions.shape[0]} images but targets {targets.shape[0]}.")
+    for threshold in distance_thresholds:
+        is_number = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(threshold, bool)
+        if threshold is not None and not is_number:
+            raise TypeError(f"distance threshold {threshold!r} is not a number or None.")
     num_targets = int(np.sum(targets[..., _PRESENT] > 0.5))
+    if num_targets == 0:
+        return {ap_metric_name(threshold): float("nan") for threshold in distance_thresholds}
     ranked_matches = _nearest_matching_targets(predictions, targets)
     results = {}
     for threshold in distance_thresholds:
-        name = ap_metric_name(threshold)
-        if num_targets == 0:
-            results[name] = float("nan")
-        else:
-            is_true_positive = _true_positives(*ranked_matches, threshold)
-            results[name] = _voc_average_precision(is_true_positive, num_targets)
+        is_true_positive = _true_positives(*ranked_matches, threshold)
+        results[ap_metric_name(threshold)] = _voc_average_precision(is_true_positive, num_targets)
     return results

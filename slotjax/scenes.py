@@ -43,6 +43,7 @@ result. ``SPLITS`` gives disjoint index ranges for test, validation and train;
 evaluating on training data.
 """
 
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -100,6 +101,14 @@ def split_indices(split: str, positions) -> np.ndarray:
     return first + positions
 
 
+def _integer(value, name: str) -> int:
+    """`value` as a Python int; a float (even 2.0), string or None is refused rather than truncated."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}={value!r} is not an integer.") from None
+
+
 def _shape_masks(side: int) -> np.ndarray:
     """Bool [3, side, side]: square, circle, triangle (apex up) filling the box."""
     centres = np.arange(side) + 0.5
@@ -143,6 +152,10 @@ class Scenes:
         min_objects: int = 2,
         max_objects: int = 6,
     ):
+        resolution, seed, min_objects, max_objects = (
+            _integer(value, name) for value, name in ((resolution, "resolution"), (seed, "seed"),
+                                                      (min_objects, "min_objects"), (max_objects, "max_objects"))
+        )
         if resolution < 16:
             raise ValueError(
                 f"resolution={resolution} is too small to draw the shapes; use 16 "
@@ -218,7 +231,7 @@ class Scenes:
     def _render(self, index, image, segmentation, target) -> int:
         """Draws scene `index` into the given zeroed target and uninitialised
         image and segmentation; returns its number of objects."""
-        index = int(index)
+        index = _integer(index, "scene index")
         if index < 0:
             raise ValueError(f"Scene index {index} is negative; use an index >= 0.")
         rng = np.random.default_rng([self.seed, index])
