@@ -94,7 +94,8 @@ class SlotEncoder(nnx.Module):
     def __call__(self, images: jax.Array, **slot_attention_options) -> tuple[jax.Array, dict]:
         check_images(images, self.resolution)
         features = self.encoder_pos(self.encoder_cnn(images))
-        features = features.reshape(features.shape[0], -1, features.shape[-1])  # [B, N, C], row-major
+        batch_size, height, width, channels = features.shape
+        features = features.reshape(batch_size, height * width, channels)  # [B, N, C], row-major
         features = self.mlp(self.layer_norm(features))
         return self.slot_attention(features, return_attention=True, **slot_attention_options)
 

@@ -9,10 +9,12 @@ glorot-uniform kernels, zero biases, orthogonal recurrent kernel in the GRU.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Keras' LayerNormalization default, used by the official code. Flax (1e-6) and
@@ -94,7 +96,8 @@ class SlotAttention(nnx.Module):
         layer_norm_epsilon: float = LAYER_NORM_EPSILON,
         rngs: nnx.Rngs,
     ):
-        _check_positive(num_slots=num_slots, num_iterations=num_iterations, slot_size=slot_size)
+        num_slots, num_iterations, slot_size = _positive_integers(
+            num_slots=num_slots, num_iterations=num_iterations, slot_size=slot_size)
         input_size = slot_size if input_size is None else input_size
         self.num_slots = num_slots
         self.slot_size = slot_size
@@ -133,7 +136,7 @@ class SlotAttention(nnx.Module):
     ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
         num_slots = self.num_slots if num_slots is None else num_slots
         num_iterations = self.num_iterations if num_iterations is None else num_iterations
-        _check_positive(num_slots=num_slots, num_iterations=num_iterations)
+        num_slots, num_iterations = _positive_integers(num_slots=num_slots, num_iterations=num_iterations)
         _check_features(inputs, self.input_size, "inputs", "[batch, num_inputs, input_size]")
         batch_size = inputs.shape[0]
         if initial_slots is None:
@@ -169,10 +172,18 @@ class SlotAttention(nnx.Module):
         return slots, {"attention": attention, "initial_slots": initial_slots}
 
 
-def _check_positive(**values: int) -> None:
+def _positive_integers(**values: int) -> list[int]:
+    """The values as Python ints; refuses anything but integers >= 1 (Python or NumPy integers, not bools)."""
+    numbers = []
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        try:
+            number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+        except TypeError:
+            number = None
+        if number is None or number < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        numbers.append(number)
+    return numbers
 
 
 def _check_features(array: jax.Array, size: int, name: str, layout: str) -> None:

@@ -114,6 +114,10 @@ class Trainer:
                     f"{name}={config[name]} is not divisible by the {self.mesh.size} devices; "
                     f"use a multiple of {self.mesh.size} or set --config.num_devices."
                 )
+        if config.nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(
+                f"nonfinite_loss={config.nonfinite_loss!r} is not a policy; use --config.nonfinite_loss=stop or skip."
+            )
         if config.task == "set_prediction" and config.num_slots < scenes.MAX_OBJECTS_TARGET:
             raise ValueError(
                 f"num_slots={config.num_slots} is below the {scenes.MAX_OBJECTS_TARGET} target rows of set prediction: "
@@ -312,8 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     with _StopRequest() as stop:
         for step in range(start_step, config.num_train_steps):
             state, step_metrics = trainer.train_step(state, trainer.shard(next(batches)))
+            done = step + 1  # steps are numbered from 1, as in metrics.jsonl and the checkpoints
             if not bool(step_metrics["finite"]):
-                message = f"The loss is not finite at step {step} ({float(step_metrics['loss'])})."
+                message = f"The loss is not finite at step {done} ({float(step_metrics['loss'])})."
                 if config.nonfinite_loss == "skip":
                     print_fn(message + " Skipped that batch (nonfinite_loss='skip').")
                 else:
@@ -321,7 +326,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         message + f" Stopped; the last good checkpoint is step {manager.latest_step()}. "
                         "Lower the learning rate, or set --config.nonfinite_loss=skip to skip such batches."
                     )
-            done = step + 1
             if timer_start is None:  # the first step compiled; time from here
                 timer_start, timer_step = time.perf_counter(), done
             if done % config.log_every == 0 or done == config.num_train_steps:

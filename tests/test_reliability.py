@@ -182,7 +182,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     config = tiny_config(num_iterations=1, num_train_steps=6, checkpoint_every=2, eval_every=100)
     poison_step(monkeypatch, bad_step=3)
     lines = []
-    with pytest.raises(trainer.TrainingError, match=r"not finite at step 3 \(nan\).*last good checkpoint is step 2"):
+    with pytest.raises(trainer.TrainingError, match=r"not finite at step 4 \(nan\).*last good checkpoint is step 2"):
         trainer.train_and_evaluate(config, str(tmp_path), print_fn=lines.append)
     assert checkpoint_names(tmp_path) == ["2"]
     rows = read_rows(tmp_path)
@@ -196,7 +196,7 @@ def test_nonfinite_loss_skip_goes_on_with_the_parameters_before_the_bad_batch(tm
     poison_step(monkeypatch, bad_step=2)
     lines = []
     trainer.train_and_evaluate(config, str(tmp_path), print_fn=lines.append)
-    assert any("not finite at step 2" in line and "Skipped" in line for line in lines), lines
+    assert any("not finite at step 3" in line and "Skipped" in line for line in lines), lines
     losses_by_step = last_loss_per_step(read_rows(tmp_path))
     assert sorted(losses_by_step) == [1, 2, 3, 4, 5]
     assert np.isnan(losses_by_step[3]) and all(np.isfinite(losses_by_step[step]) for step in (1, 2, 4, 5))
@@ -503,8 +503,6 @@ def test_fuzz_models(task):
     call.check(5)
 
 
-@pytest.mark.xfail(strict=True, reason="models.SlotEncoder reshapes with -1, which JAX cannot infer for an empty "
-                                       "batch (ZeroDivisionError); fix: reshape to (B, H * W, C) explicitly")
 @pytest.mark.parametrize("task", ["discovery", "set_prediction"])
 def test_models_take_an_empty_batch(task):
     model = trainer.build_model(tiny_config(task, num_iterations=1))
@@ -515,8 +513,6 @@ def test_models_take_an_empty_batch(task):
     assert outputs["slots"].shape == (0, model.encoder.slot_attention.num_slots, 16)
 
 
-@pytest.mark.xfail(strict=True, reason="modules._check_positive accepts only Python int: num_slots=np.int64(2) is "
-                                       "refused with 'must be an integer'; fix: operator.index(value)")
 def test_numpy_integers_are_integers_for_slot_attention():
     module = slotjax.SlotAttention(num_slots=np.int64(3), slot_size=8, rngs=nnx.Rngs(0))
     assert module(jnp.zeros((1, 4, 8)), num_slots=np.int32(2), key=jax.random.key(0)).shape == (1, 2, 8)
@@ -727,7 +723,6 @@ BAD_COMMANDS = {
     "unknown nonfinite_loss policy": (["--config.nonfinite_loss=skp", "--config.num_train_steps=0"], {},
                                       r"error: .*nonfinite_loss"),
 }
-NOT_REFUSED_YET = {"unknown nonfinite_loss policy"}
 
 
 @pytest.fixture(scope="module")
@@ -764,9 +759,7 @@ def bad_command_results(tmp_path_factory, subprocess_env):
     return results
 
 
-@pytest.mark.parametrize("name", [name if name not in NOT_REFUSED_YET else pytest.param(name, marks=pytest.mark.xfail(
-    strict=True, reason="config.nonfinite_loss is not validated: a typo ('skp') silently means 'stop'; fix: "
-                        "Trainer.__init__ refuses values other than 'stop' and 'skip'")) for name in BAD_COMMANDS])
+@pytest.mark.parametrize("name", list(BAD_COMMANDS))
 def test_bad_command_line_gives_one_message_and_a_failure_status(bad_command_results, name):
     code, out, err = bad_command_results[name]
     assert code != 0, out[-2000:] + err[-2000:]
