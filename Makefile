@@ -4,6 +4,8 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# Two pytest workers, one test file each at a time: XLA compiles on one thread, so two workers keep two cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: run test
 
@@ -17,4 +19,4 @@ run: $(VENV)/.installed
 	$(PYTHON) train.py --task=discovery $(ARGS)
 
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

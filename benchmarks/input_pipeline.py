@@ -1,6 +1,7 @@
-"""Throughput of the real data sets' input pipelines (slotjax.datasets), in images per second.
+"""Throughput of the real data sets' input pipelines (slotjax.datasets), next to the training step's consumption.
 
     python benchmarks/input_pipeline.py [--seconds 10] [--num-threads N] [--resolution 128]
+        [--train-batch-size 8] [--train-steps 2]
 
 Writes stand-ins in a temporary directory and reads them with
 ``slotjax.datasets.make_dataset`` (shuffled, repeated, as in training):
@@ -18,6 +19,13 @@ every split).
 Official settings: discovery at 128x128, batch 64; set prediction at 128x128,
 batch 512. Images per second count the images yielded after a warm-up batch.
 Decoding runs on ``num_threads`` TF threads (by default all cores but one).
+
+"step images/s" is what the jitted training step (``slotjax.trainer.Trainer``,
+official model of the task, the pipeline's own images) consumes on this
+machine's default JAX device, timed over --train-steps steps after a compiling
+one, at --train-batch-size (default 8: a CPU cannot run the official batch in
+reasonable time; on a GPU pass 64 or 512). "headroom" is the pipeline's
+images/s over the step's: above 1 the pipeline keeps the device fed.
 
 Output on the 2-core development machine (shared with a training job, load
 about 4, so indicative only), default threads (1):
@@ -47,9 +55,10 @@ import numpy as np
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
+import jax  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from slotjax import datasets  # noqa: E402
+from slotjax import configs, datasets, trainer  # noqa: E402
 from tests.test_datasets import store_clevr, write_records  # noqa: E402
 
 CLEVR_SCENES = 256
@@ -80,11 +89,29 @@ def images_per_second(batches, batch_size: int, seconds: float) -> float:
     return count / elapsed
 
 
+def step_images_per_second(name: str, task: str, batch: dict, batch_size: int, steps: int) -> float:
+    """Images/s that the training step of the task's official model consumes, fed `batch[:batch_size]`."""
+    config = configs.get_config(task, "official", dataset=name)
+    config.update(resolution=batch["image"].shape[1], batch_size=batch_size, num_devices=1)
+    model_trainer = trainer.Trainer(config)
+    state = model_trainer.initial_state()
+    batch = model_trainer.shard({key: value[:batch_size] for key, value in batch.items()})
+    state, _ = model_trainer.train_step(state, batch)  # compiles
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, _ = model_trainer.train_step(state, batch)
+    jax.block_until_ready(state)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per pipeline")
     parser.add_argument("--num-threads", type=int, default=None, help="TF threads (default: cores - 1)")
     parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--train-batch-size", type=int, default=8, help="batch of the timed training step")
+    parser.add_argument("--train-steps", type=int, default=2, help="timed training steps per task")
     args = parser.parse_args()
     threads = args.num_threads or datasets.default_num_threads()
     tfds.disable_progress_bar()
@@ -94,12 +121,19 @@ def main() -> None:
         for name, num_records in RECORDS.items():
             write_records(name, pathlib.Path(data_dir), num_records)
 
-        print(f"{'data set':18} {'task':15} {'res':>4} {'batch':>6} {'threads':>8} {'images/s':>9}")
+        print(f"device: {jax.devices()[0].device_kind}; training step batch {args.train_batch_size}")
+        print(f"{'data set':18} {'task':15} {'res':>4} {'batch':>6} {'threads':>8} {'images/s':>9} "
+              f"{'step images/s':>14} {'headroom':>9}")
+        step_rates: dict[str, float] = {}  # per task: the models do not depend on the data set
         for name, task, batch_size in PIPELINES:
             batches = datasets.make_dataset(name, data_dir, "validation", task=task, resolution=args.resolution,
                                             batch_size=batch_size, num_threads=threads)
             rate = images_per_second(batches, batch_size, args.seconds)
-            print(f"{name:18} {task:15} {args.resolution:4d} {batch_size:6d} {threads:8d} {rate:9.0f}", flush=True)
+            if task not in step_rates:
+                step_rates[task] = step_images_per_second(name, task, next(batches), args.train_batch_size,
+                                                          args.train_steps)
+            print(f"{name:18} {task:15} {args.resolution:4d} {batch_size:6d} {threads:8d} {rate:9.0f} "
+                  f"{step_rates[task]:14.1f} {rate / step_rates[task]:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,22 @@
-"""Shared fixtures: tiny configurations that train in seconds on a CPU."""
+"""Shared fixtures: tiny configurations that train in seconds on a CPU.
 
+Compiled programs are cached on disk (.jax_cache) for the pytest processes: many tests build the same tiny models,
+and compilation dominates their time on a CPU. The train.py subprocesses that tests start (and kill) do not use it.
+"""
+
+import pathlib
+
+import jax
 import pytest
 
 from slotjax import configs
+
+CACHE_SETTINGS = {
+    "jax_compilation_cache_dir": str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"),
+    "jax_persistent_cache_min_compile_time_secs": 0.2,
+}
+for name, value in CACHE_SETTINGS.items():
+    jax.config.update(name, value)
 
 
 def tiny_config(task: str = "discovery", **overrides):
