@@ -27,16 +27,7 @@ one, at --train-batch-size (default 8: a CPU cannot run the official batch in
 reasonable time; on a GPU pass 64 or 512). "headroom" is the pipeline's
 images/s over the step's: above 1 the pipeline keeps the device fed.
 
-Output on the 2-core development machine (shared with a training job, load
-about 4, so indicative only), default threads (1):
-
-    data set           task             res  batch  threads  images/s
-    clevr              discovery        128     64        1       280
-    clevr              set_prediction   128    512        1       271
-    clevr_with_masks   discovery        128     64        1        27
-    multi_dsprites     discovery        128     64        1       724
-    tetrominoes        discovery        128     64        1      1580
-    objects_room       discovery        128     64        1       689
+Results: benchmarks/README.md.
 
 clevr_with_masks is slow by format: a record holds a million one-byte strings
 (~25 ms to parse) in a GZIP stream that only one thread can inflate (~8 ms a
