@@ -28,8 +28,8 @@ from slotjax import modules
 
 # (Flax module type, Flax leaf) -> (torch leaf, axis order turning the Flax array into torch's).
 LEAF_TABLE: dict[tuple[type, str], tuple[str, tuple[int, ...] | None]] = {
-    (nnx.Linear, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
-    (nnx.Linear, "bias"): ("bias", None),
+    (modules.Dense, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
+    (modules.Dense, "bias"): ("bias", None),
     (nnx.LayerNorm, "scale"): ("weight", None),
     (nnx.LayerNorm, "bias"): ("bias", None),
     (modules.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]

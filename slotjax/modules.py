@@ -9,6 +9,7 @@ glorot-uniform kernels, zero biases, orthogonal recurrent kernel in the GRU.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Any
 
@@ -25,9 +26,23 @@ ATTENTION_EPSILON = 1e-8
 glorot_uniform = nnx.initializers.xavier_uniform()
 
 
-def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    """A Keras-initialised Dense layer (glorot-uniform kernel, zero bias)."""
-    return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=glorot_uniform, rngs=rngs)
+class Dense(nnx.Linear):
+    """`nnx.Linear` applied to its inputs flattened to [rows, in_features] and reshaped back.
+
+    The same function; but XLA's CPU backend computes the kernel gradient of a 2-D matmul about 3x faster
+    than that of a batched one (whose transpose contracts over two axes).
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:  # [..., in_features] -> [..., out_features]
+        leading = inputs.shape[:-1]
+        outputs = super().__call__(inputs.reshape(math.prod(leading), inputs.shape[-1]))
+        return outputs.reshape(*leading, outputs.shape[-1])
+
+
+def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = True,
+          kernel_init=glorot_uniform) -> Dense:
+    """A Keras-initialised Dense layer (glorot-uniform kernel unless given, zero bias)."""
+    return Dense(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
 
 
 def layer_norm(num_features: int, epsilon: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -57,9 +72,7 @@ class GRUCell(nnx.Module):
     def __init__(self, in_features: int, hidden_size: int, *, rngs: nnx.Rngs):
         self.hidden_size = hidden_size
         self.input_dense = dense(in_features, 3 * hidden_size, rngs)
-        self.hidden_dense = nnx.Linear(
-            hidden_size, 3 * hidden_size, kernel_init=nnx.initializers.orthogonal(), rngs=rngs
-        )
+        self.hidden_dense = dense(hidden_size, 3 * hidden_size, rngs, kernel_init=nnx.initializers.orthogonal())
 
     def __call__(self, inputs: jax.Array, state: jax.Array) -> jax.Array:
         input_reset, input_update, input_new = jnp.split(self.input_dense(inputs), 3, axis=-1)
