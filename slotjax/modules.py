@@ -216,14 +216,15 @@ def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
 def conv2d(images: jax.Array, kernel: jax.Array, stride: int = 1, padding=None) -> jax.Array:
     """NHWC convolution with an HWIO kernel; "SAME" padding unless `padding` [(before, after)] * 2 is given.
 
-    On CPU the kernel's gradient is computed by `_kernel_gradient` (XLA's own is
-    4-9x slower there); other backends use XLA's convolutions throughout.
+    On CPU the input gradient of a strided "SAME" conv is computed as a sub-pixel
+    conv (`_strided_input_gradient`; XLA's own is about 4x slower there); other
+    backends and all other gradients use XLA's convolutions.
     """
     if padding is None:
         padding = [same_padding(kernel.shape[0], stride), same_padding(kernel.shape[1], stride)]
     padding = tuple(tuple(pair) for pair in padding)
-    if jax.default_backend() == "cpu":
-        return _conv2d_cpu(images, kernel, stride, padding)
+    if jax.default_backend() == "cpu" and stride > 1:
+        return _strided_conv_cpu(images, kernel, stride, padding)
     return _xla_conv(images, kernel, stride, padding)
 
 
@@ -234,51 +235,34 @@ def _xla_conv(images, kernel, stride, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_cpu(images, kernel, stride, padding):
+def _strided_conv_cpu(images, kernel, stride, padding):
     return _xla_conv(images, kernel, stride, padding)
 
 
-def _conv2d_cpu_forward(images, kernel, stride, padding):
+def _strided_conv_cpu_forward(images, kernel, stride, padding):
     return _xla_conv(images, kernel, stride, padding), (images, kernel)
 
 
-def _conv2d_cpu_backward(stride, padding, residuals, output_grad):
+def _strided_conv_cpu_backward(stride, padding, residuals, output_grad):
     images, kernel = residuals
-    _, images_vjp = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), images)  # XLA's, fast enough
-    return images_vjp(output_grad)[0], _kernel_gradient(images, output_grad, kernel.shape, stride, padding)
+    same = tuple(same_padding(size, stride) for size in kernel.shape[:2])
+    if padding == same and images.shape[1] % stride == 0 and images.shape[2] % stride == 0:
+        images_grad = _strided_input_gradient(output_grad, kernel, stride)
+    else:
+        images_grad = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), images)[1](output_grad)[0]
+    kernel_grad = jax.vjp(lambda w: _xla_conv(images, w, stride, padding), kernel)[1](output_grad)[0]
+    return images_grad, kernel_grad
 
 
-_conv2d_cpu.defvjp(_conv2d_cpu_forward, _conv2d_cpu_backward)
-
-ROWS_PER_CHUNK = 2048  # output pixels per partial product (best measured on CPU: 2k-8k)
+_strided_conv_cpu.defvjp(_strided_conv_cpu_forward, _strided_conv_cpu_backward)
 
 
-def _kernel_gradient(images, output_grad, kernel_shape, stride, padding):
-    """d loss / d kernel = sum over output pixels of (input patch)^T output_grad, as patch matmuls.
-
-    The batch is cut into chunks of about ROWS_PER_CHUNK output pixels whose
-    patches fit in cache; a scan adds up their [k*k*in, out] products.
-    """
-    kernel_height, kernel_width, in_features, out_features = kernel_shape
-    batch, out_height, out_width, _ = output_grad.shape
-    chunk = max((size for size in range(1, batch + 1)
-                 if batch % size == 0 and size * out_height * out_width <= ROWS_PER_CHUNK), default=1)
-    padded = jnp.pad(images, ((0, 0), padding[0], padding[1], (0, 0)))
-    padded = padded.reshape(batch // chunk, chunk, *padded.shape[1:])
-    output_grad = output_grad.reshape(batch // chunk, chunk * out_height * out_width, out_features)
-
-    def add_chunk(total, inputs):
-        images_chunk, grad_chunk = inputs
-        patches = jnp.concatenate(
-            [images_chunk[:, i : i + stride * (out_height - 1) + 1 : stride, j : j + stride * (out_width - 1) + 1 : stride]
-             for i in range(kernel_height) for j in range(kernel_width)],
-            axis=-1,
-        ).reshape(-1, kernel_height * kernel_width * in_features)
-        return total + patches.T @ grad_chunk, None
-
-    total = jnp.zeros((kernel_height * kernel_width * in_features, out_features), output_grad.dtype)
-    total, _ = jax.lax.scan(add_chunk, total, (padded, output_grad))
-    return total.reshape(kernel_shape)
+def _strided_input_gradient(output_grad: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """d loss / d images of a "SAME" conv with `stride`: the transposed conv of the output gradient with the
+    same kernel (TF's Conv2DTranspose reads the HWIO kernel [k, k, in, out] as [k, k, out', in']), computed as
+    a sub-pixel conv."""
+    conv_kernel, padding = transposed_conv_as_conv(kernel, stride)
+    return depth_to_space(_xla_conv(output_grad, conv_kernel, 1, tuple(map(tuple, padding))), stride)
 
 
 def transposed_conv_as_conv(kernel: jax.Array, stride: int) -> tuple[jax.Array, list[tuple[int, int]]]:

@@ -8,7 +8,9 @@ import pytest
 from slotjax.modules import _xla_conv, conv2d, depth_to_space, same_padding, transposed_conv_as_conv
 
 
-@pytest.mark.parametrize("kernel_size, stride, batch, size", [(5, 1, 3, 8), (5, 2, 4, 8), (3, 1, 5, 6), (1, 1, 2, 4)])
+@pytest.mark.parametrize("kernel_size, stride, batch, size",
+                         [(5, 1, 3, 8), (5, 2, 4, 8), (3, 2, 2, 6), (4, 2, 2, 8), (3, 1, 5, 6), (1, 1, 2, 4),
+                          (5, 2, 2, 7)])  # 7: not a multiple of the stride (XLA's input gradient)
 def test_conv2d_and_its_gradients_equal_xla(kernel_size, stride, batch, size):
     keys = jax.random.split(jax.random.key(kernel_size * 10 + stride), 3)
     images = jax.random.normal(keys[0], (batch, size, size, 3))
