@@ -23,8 +23,9 @@ def main(output, workdir, num_devices, coordinator=None, num_processes=None, pro
     trainer.train_and_evaluate(config, workdir, print_fn=lambda line: None)
     run = trainer.Trainer(config)
     state = trainer.restore_checkpoint(trainer.checkpoint_manager(workdir), run.initial_state(), config)
-    params = {str(i): np.asarray(jax.experimental.multihost_utils.process_allgather(leaf, tiled=True))
-              for i, leaf in enumerate(jax.tree.leaves(state.params))}
+    params = {"param." + jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value"):
+              np.asarray(jax.experimental.multihost_utils.process_allgather(leaf, tiled=True))
+              for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
     losses = []
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "metrics.jsonl")) as file:

@@ -35,19 +35,26 @@ def run_workers(tmp_path, name, num_devices, device_count, num_processes=1, time
     return [dict(np.load(output)) for output in outputs]
 
 
-def assert_same_training(result, reference):
-    """Losses within 1e-5 relative, and all parameters together within 1e-5 relative.
+# Parameter entries whose gradient is zero in exact arithmetic, as (name, index): they shift every slot alike
+# under a softmax over slots (the alpha-logit bias, channel 3 of the last decoder conv of the tiny model, and
+# norm_slots.bias). Their gradients are rounding noise, which Adam turns into steps of up to about lr, different
+# for any other order of summation (here: per-device partial sums).
+ZERO_GRADIENT_ENTRIES = (("param.decoder_cnn.convs.2.bias", 3), ("param.encoder.slot_attention.norm_slots.bias", ...))
 
-    (All together: two parameters have a gradient that is zero in exact
-    arithmetic, the alpha-logit bias and norm_slots.bias, which both shift all
-    slots alike under a softmax over slots; Adam turns their rounding noise into
-    steps of about lr, different for any other order of summation.)
-    """
+
+def assert_same_training(result, reference, num_steps=4, learning_rate=1e-3):
+    """Losses within 1e-5 relative; all parameters but the zero-gradient entries together within 1e-5
+    relative; those entries within Adam's largest total step (num_steps x lr)."""
     np.testing.assert_allclose(result["losses"], reference["losses"], rtol=1e-5)
-    names = sorted(name for name in reference if name.isdigit())
-    assert names
-    ours = np.concatenate([result[name].ravel() for name in names])
-    theirs = np.concatenate([reference[name].ravel() for name in names])
+    names = sorted(name for name in reference if name.startswith("param."))
+    assert {name for name, _ in ZERO_GRADIENT_ENTRIES} <= set(names), names
+    regular = {name: np.array(reference[name], np.float32) for name in names}, {name: np.array(result[name]) for name in names}
+    for name, index in ZERO_GRADIENT_ENTRIES:
+        np.testing.assert_allclose(result[name][index], reference[name][index], rtol=0,
+                                   atol=1.1 * num_steps * learning_rate)
+        for params in regular:
+            params[name][index] = 0.0
+    theirs, ours = (np.concatenate([params[name].ravel() for name in names]) for params in regular)
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
@@ -60,7 +67,7 @@ def test_eight_devices_train_like_one(tmp_path):
     # the single-device checkpoint restores on 8 devices, unchanged
     (restored,) = run_workers(tmp_path, "one", num_devices=0, device_count=8)
     for name in single:
-        if name.isdigit():
+        if name.startswith("param."):
             np.testing.assert_array_equal(restored[name], single[name])
 
 
@@ -71,5 +78,5 @@ def test_two_processes_train_like_one(tmp_path):
     assert int(first["device_count"]) == 2
     assert_same_training(first, single)
     for name in single:
-        if name.isdigit():
+        if name.startswith("param."):
             np.testing.assert_array_equal(first[name], second[name])  # both processes hold the same parameters
