@@ -217,7 +217,7 @@ def conv2d(images: jax.Array, kernel: jax.Array, stride: int = 1, padding=None) 
     """NHWC convolution with an HWIO kernel; "SAME" padding unless `padding` [(before, after)] * 2 is given.
 
     On CPU the input gradient of a strided "SAME" conv is computed as a sub-pixel
-    conv (`_strided_input_gradient`; XLA's own is about 4x slower there); other
+    conv (`transposed_conv`; XLA's own is about 4x slower there); other
     backends and all other gradients use XLA's convolutions.
     """
     if padding is None:
@@ -247,7 +247,8 @@ def _strided_conv_cpu_backward(stride, padding, residuals, output_grad):
     images, kernel = residuals
     same = tuple(same_padding(size, stride) for size in kernel.shape[:2])
     if padding == same and images.shape[1] % stride == 0 and images.shape[2] % stride == 0:
-        images_grad = _strided_input_gradient(output_grad, kernel, stride)
+        # the transposed conv of the output gradient; TF's Conv2DTranspose reads the HWIO kernel as [k, k, out, in]
+        images_grad = transposed_conv(output_grad, kernel, stride)
     else:
         images_grad = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), images)[1](output_grad)[0]
     kernel_grad = jax.vjp(lambda w: _xla_conv(images, w, stride, padding), kernel)[1](output_grad)[0]
@@ -255,14 +256,6 @@ def _strided_conv_cpu_backward(stride, padding, residuals, output_grad):
 
 
 _strided_conv_cpu.defvjp(_strided_conv_cpu_forward, _strided_conv_cpu_backward)
-
-
-def _strided_input_gradient(output_grad: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """d loss / d images of a "SAME" conv with `stride`: the transposed conv of the output gradient with the
-    same kernel (TF's Conv2DTranspose reads the HWIO kernel [k, k, in, out] as [k, k, out', in']), computed as
-    a sub-pixel conv."""
-    conv_kernel, padding = transposed_conv_as_conv(kernel, stride)
-    return depth_to_space(_xla_conv(output_grad, conv_kernel, 1, tuple(map(tuple, padding))), stride)
 
 
 def transposed_conv_as_conv(kernel: jax.Array, stride: int) -> tuple[jax.Array, list[tuple[int, int]]]:
@@ -309,6 +302,12 @@ def depth_to_space(images: jax.Array, stride: int) -> jax.Array:
     return images.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height * stride, width * stride, out_features)
 
 
+def transposed_conv(images: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """TF's "SAME" Conv2DTranspose (kernel [k, k, out, in]) as a sub-pixel conv: [B, H, W, in] -> [B, sH, sW, out]."""
+    conv_kernel, padding = transposed_conv_as_conv(kernel, stride)
+    return depth_to_space(conv2d(images, conv_kernel, 1, padding), stride)
+
+
 class Conv(nnx.Module):
     """2-D convolution, "SAME" padding as in TF/Flax. Kernel [k, k, in, out] (HWIO)."""
 
@@ -341,8 +340,7 @@ class ConvTranspose(nnx.Module):
 
     def __call__(self, images: jax.Array) -> jax.Array:  # [B, H, W, in] -> [B, s * H, s * W, out]
         images, kernel, bias = nnx.nn.dtypes.promote_dtype((images, self.kernel[...], self.bias[...]), dtype=self.dtype)
-        conv_kernel, padding = transposed_conv_as_conv(kernel, self.stride)
-        return depth_to_space(conv2d(images, conv_kernel, 1, padding), self.stride) + bias
+        return transposed_conv(images, kernel, self.stride) + bias
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:

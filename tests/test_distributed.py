@@ -48,13 +48,11 @@ def assert_same_training(result, reference, num_steps=4, learning_rate=1e-3):
     np.testing.assert_allclose(result["losses"], reference["losses"], rtol=1e-5)
     names = sorted(name for name in reference if name.startswith("param."))
     assert {name for name, _ in ZERO_GRADIENT_ENTRIES} <= set(names), names
-    regular = {name: np.array(reference[name], np.float32) for name in names}, {name: np.array(result[name]) for name in names}
+    ours, theirs = ({name: np.array(params[name]) for name in names} for params in (result, reference))
     for name, index in ZERO_GRADIENT_ENTRIES:
-        np.testing.assert_allclose(result[name][index], reference[name][index], rtol=0,
-                                   atol=1.1 * num_steps * learning_rate)
-        for params in regular:
-            params[name][index] = 0.0
-    theirs, ours = (np.concatenate([params[name].ravel() for name in names]) for params in regular)
+        np.testing.assert_allclose(ours[name][index], theirs[name][index], rtol=0, atol=1.1 * num_steps * learning_rate)
+        ours[name][index] = theirs[name][index] = 0.0  # left out of the comparison below
+    ours, theirs = (np.concatenate([params[name].ravel() for name in names]) for params in (ours, theirs))
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
