@@ -73,7 +73,10 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> n
 def compute_loss(task: str, outputs: dict, batch: dict) -> jax.Array:
     if task == "discovery":
         return losses.mse_loss(outputs["reconstruction"], batch["image"])
-    return losses.hungarian_huber_loss(outputs["predictions"], batch["target"])
+    # Rows past the data's largest scene are padding (the trainer refuses fewer slots than that), so a model with
+    # K < 10 slots is matched against the first K rows: the same loss without padding rows left unmatched.
+    predictions = outputs["predictions"]
+    return losses.hungarian_huber_loss(predictions, batch["target"][:, : predictions.shape[1]])
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -118,10 +121,12 @@ class Trainer:
             raise ValueError(
                 f"nonfinite_loss={config.nonfinite_loss!r} is not a policy; use --config.nonfinite_loss=stop or skip."
             )
-        if config.task == "set_prediction" and config.num_slots < scenes.MAX_OBJECTS_TARGET:
+        # the most objects a scene of the data set holds: the embedded scenes' setting, up to 10 in CLEVR
+        max_objects = config.max_objects if config.dataset == "scenes" else scenes.MAX_OBJECTS_TARGET
+        if config.task == "set_prediction" and config.num_slots < max_objects:
             raise ValueError(
-                f"num_slots={config.num_slots} is below the {scenes.MAX_OBJECTS_TARGET} target rows of set prediction: "
-                "the Hungarian matching would leave objects unmatched. Use --config.num_slots >= 10."
+                f"num_slots={config.num_slots} is below the {max_objects} objects a scene of {config.dataset!r} may "
+                f"hold: the Hungarian matching would leave objects unmatched. Use --config.num_slots >= {max_objects}."
             )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))

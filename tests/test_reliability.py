@@ -719,7 +719,6 @@ BAD_COMMANDS = {
     "another model's checkpoint": (["--config.num_slots=5"], {},
                                    r"error: The checkpoint at step 0 .* belongs to another model "
                                    r"\(num_slots: checkpoint 4 vs now 5\)"),
-    # not refused yet (an expected failure below)
     "unknown nonfinite_loss policy": (["--config.nonfinite_loss=skp", "--config.num_train_steps=0"], {},
                                       r"error: .*nonfinite_loss"),
 }

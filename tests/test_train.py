@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_reference
-from slotjax import convert, trainer
+from slotjax import convert, input_pipeline, losses, trainer
 from tests.conftest import tiny_config
 
 
@@ -63,6 +63,26 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path), print_fn=lambda line: None)
     with pytest.raises(trainer.TrainingError, match=r"belongs to another model \(num_slots: checkpoint 4 vs now 5\)"):
         trainer.train_and_evaluate(tiny_config(num_train_steps=6, num_slots=5), str(tmp_path), print_fn=lambda line: None)
+
+
+@pytest.mark.parametrize("dataset, most_objects", [("scenes", 3), ("clevr", 10)])
+def test_set_prediction_refuses_fewer_slots_than_objects(dataset, most_objects):
+    """The Hungarian matching of K slots against more objects would leave objects unmatched."""
+    config = tiny_config("set_prediction", dataset=dataset, max_objects=3, num_slots=2)
+    with pytest.raises(ValueError, match=rf"num_slots=2 is below the {most_objects} objects a scene of '{dataset}' "
+                                         rf"may hold.*--config.num_slots >= {most_objects}"):
+        trainer.Trainer(config)
+
+
+def test_set_prediction_with_as_many_slots_as_objects_matches_the_first_rows():
+    """3 slots on scenes of at most 3 objects: the loss is the set loss against the first 3 target rows."""
+    run = trainer.Trainer(tiny_config("set_prediction", num_slots=3, max_objects=3, min_objects=3))
+    batch = next(input_pipeline.train_batches(run.config, 0, 0, 1))
+    outputs = run.model(run.initial_params)(batch["image"], key=jax.random.key(0))
+    assert outputs["predictions"].shape[1] == 3 and batch["target"].shape[1] == 10
+    assert np.all(batch["target"][:, 3:] == 0) and np.all(batch["target"][:, :3, 18] == 1)
+    loss = trainer.compute_loss("set_prediction", outputs, batch)
+    np.testing.assert_allclose(loss, losses.hungarian_huber_loss(outputs["predictions"], batch["target"][:, :3]))
 
 
 def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
