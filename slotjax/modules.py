@@ -325,7 +325,7 @@ def space_to_depth(images: jax.Array, block: int) -> jax.Array:
 
 
 def blocked_conv(images: jax.Array, kernel: jax.Array, block: int) -> jax.Array:
-    """A stride-1 "SAME" conv (square HWIO kernel) computed on block x block pixel blocks: [B, H, W, in] -> [B, H, W, out].
+    """A stride-1 "SAME" conv (square HWIO kernel) on block x block pixel blocks: [B, H, W, in] -> [B, H, W, out].
 
     Output pixel block * m + out_phase receives input pixel block * (m + offset) + in_phase
     through tap t = block * offset + in_phase - out_phase + pad (pad: the SAME padding before),
