@@ -133,7 +133,7 @@ def test_gru_cell_alone_matches_torch_gru_cell(seed):
 def test_layer_norm_mapping(seed, scale):
     """Same epsilon on both sides; low-variance inputs (scale 1e-2) are where epsilons would differ."""
     features = 24
-    flax_norm = nnx.LayerNorm(features, epsilon=1e-3, rngs=nnx.Rngs(seed))
+    flax_norm = slotjax.modules.layer_norm(features, 1e-3, nnx.Rngs(seed))
     torch_norm = torch.nn.LayerNorm(features, eps=1e-3)
     with torch.no_grad():
         torch_norm.weight.normal_()

@@ -30,8 +30,8 @@ from slotjax import modules
 LEAF_TABLE: dict[tuple[type, str], tuple[str, tuple[int, ...] | None]] = {
     (modules.Dense, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
     (modules.Dense, "bias"): ("bias", None),
-    (nnx.LayerNorm, "scale"): ("weight", None),
-    (nnx.LayerNorm, "bias"): ("bias", None),
+    (modules.LayerNorm, "scale"): ("weight", None),
+    (modules.LayerNorm, "bias"): ("bias", None),
     (modules.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]
     (modules.Conv, "bias"): ("bias", None),
     (modules.ConvTranspose, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, out, in] -> [in, out, k, k]

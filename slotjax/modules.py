@@ -45,8 +45,51 @@ def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = 
     return Dense(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
 
 
-def layer_norm(num_features: int, epsilon: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(num_features, epsilon=epsilon, rngs=rngs)
+class LayerNorm(nnx.LayerNorm):
+    """`nnx.LayerNorm` (same parameters, same function); on CPU, float32 inputs go to `_cpu_layer_norm`.
+
+    XLA's CPU backend fuses a row reduction into every consumer that broadcasts it back over the
+    features and so recomputes it per element (the LayerNorm backward of the 65,536 input rows of the
+    Slot Attention probe took 50 ms); as matrix-vector products the row statistics are computed once.
+    """
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:  # [..., num_features]
+        if args or kwargs or jax.default_backend() != "cpu" or x.dtype != jnp.float32:
+            return super().__call__(x, *args, **kwargs)
+        features = x.shape[-1]
+        rows = x.reshape(-1, features)
+        return _cpu_layer_norm(rows, self.scale[...], self.bias[...], self.epsilon).reshape(x.shape)
+
+
+def layer_norm(num_features: int, epsilon: float, rngs: nnx.Rngs) -> LayerNorm:
+    return LayerNorm(num_features, epsilon=epsilon, rngs=rngs)
+
+
+def _row_mean(rows: jax.Array) -> jax.Array:  # [N, F] -> [N, 1], a matrix-vector product
+    return rows @ jnp.full((rows.shape[-1], 1), 1.0 / rows.shape[-1], rows.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _cpu_layer_norm(rows, scale, bias, epsilon):
+    """LayerNorm of [N, F] rows with its backward written out (two-pass variance; Flax uses E[x^2] - E[x]^2)."""
+    return _cpu_layer_norm_forward(rows, scale, bias, epsilon)[0]
+
+
+def _cpu_layer_norm_forward(rows, scale, bias, epsilon):
+    centered = rows - _row_mean(rows)
+    inverse_std = jax.lax.rsqrt(_row_mean(centered * centered) + epsilon)
+    normalized = centered * inverse_std
+    return normalized * scale + bias, (normalized, inverse_std, scale)
+
+
+def _cpu_layer_norm_backward(epsilon, residuals, output_grad):
+    normalized, inverse_std, scale = residuals
+    grad = output_grad * scale
+    rows_grad = inverse_std * (grad - _row_mean(grad) - normalized * _row_mean(grad * normalized))
+    return rows_grad, jnp.sum(output_grad * normalized, axis=0), jnp.sum(output_grad, axis=0)
+
+
+_cpu_layer_norm.defvjp(_cpu_layer_norm_forward, _cpu_layer_norm_backward)
 
 
 class MLP(nnx.Module):
@@ -213,25 +256,31 @@ def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-# On CPU, a "SAME" conv with at most this many input channels (the RGB input layer) runs on 2x2 pixel blocks.
-BLOCKED_CONV_MAX_CHANNELS = 4
-
-
 def conv2d(images: jax.Array, kernel: jax.Array, stride: int = 1, padding=None) -> jax.Array:
     """NHWC convolution with an HWIO kernel; "SAME" padding unless `padding` [(before, after)] * 2 is given.
 
-    On CPU, exact reformulations replace two slow XLA kernels (`_cpu_conv`); other backends use XLA's
+    On CPU, exact reformulations replace slow XLA kernels (`_cpu_conv`); other backends use XLA's
     convolutions throughout.
     """
-    same = padding is None
-    if same:
+    if padding is None:
         padding = [same_padding(kernel.shape[0], stride), same_padding(kernel.shape[1], stride)]
     padding = tuple(tuple(pair) for pair in padding)
-    blocked = (same and stride == 1 and kernel.shape[2] <= BLOCKED_CONV_MAX_CHANNELS
-               and kernel.shape[0] == kernel.shape[1] and images.shape[1] % 2 == 0 and images.shape[2] % 2 == 0)
-    if jax.default_backend() == "cpu" and (stride > 1 or blocked):
+    if jax.default_backend() == "cpu" and (stride > 1 or _runs_on_blocks(images, kernel, padding)):
         return _cpu_conv(images, kernel, stride, padding)
     return _xla_conv(images, kernel, stride, padding)
+
+
+def _runs_on_blocks(images: jax.Array, kernel: jax.Array, padding) -> bool:
+    """Whether a stride-1 conv is faster on 2x2 pixel blocks on CPU (`blocked_conv`).
+
+    XLA hands convs with at most 16 channels on both sides to its generic (Eigen) kernel, not to
+    YNNPACK, and its kernel for up to 4 input channels is slow; on blocks the conv has 4x the
+    channels. Needs a square kernel, the same size-preserving padding on both axes and even sizes.
+    """
+    kernel_size, width, in_features, out_features = kernel.shape
+    size_preserving = padding[0] == padding[1] and sum(padding[0]) == kernel_size - 1
+    return (kernel_size == width and size_preserving and images.shape[1] % 2 == 0 and images.shape[2] % 2 == 0
+            and (in_features <= 4 or max(in_features, out_features) <= 16))
 
 
 def _xla_conv(images, kernel, stride, padding):
@@ -244,13 +293,14 @@ def _xla_conv(images, kernel, stride, padding):
 def _cpu_conv(images, kernel, stride, padding):
     """A conv with XLA's kernel gradient and, where they are faster on CPU, other forms of the rest.
 
-    Forward: the stride-1 conv of few (RGB) channels on 2x2 pixel blocks (`blocked_conv`, 17.5 -> 6.6 ms
-    for the set predictor's first layer; XLA's kernel for 3 input channels is slow), XLA's otherwise.
-    Input gradient of a strided "SAME" conv: the transposed conv of the output gradient as a sub-pixel
-    conv (`transposed_conv`, about 4x faster than XLA's conv of the zero-dilated gradient); XLA's otherwise.
+    Stride 1 (the convs `_runs_on_blocks` picks): forward on 2x2 pixel blocks (`blocked_conv`, e.g.
+    17.5 -> 6.6 ms for the set predictor's RGB layer), input gradient the conv of the output gradient
+    with the flipped kernel, again through `conv2d`. Stride > 1: XLA's forward; the input gradient of a
+    "SAME" conv is the transposed conv of the output gradient as a sub-pixel conv (`transposed_conv`,
+    about 4x faster than XLA's conv of the zero-dilated gradient), XLA's otherwise.
     """
     if stride == 1:
-        return blocked_conv(images, kernel, 2)
+        return blocked_conv(images, kernel, 2, padding[0][0])
     return _xla_conv(images, kernel, stride, padding)
 
 
@@ -260,8 +310,13 @@ def _cpu_conv_forward(images, kernel, stride, padding):
 
 def _cpu_conv_backward(stride, padding, residuals, output_grad):
     images, kernel = residuals
+    kernel_size = kernel.shape[0]
     same = tuple(same_padding(size, stride) for size in kernel.shape[:2])
-    if stride > 1 and padding == same and images.shape[1] % stride == 0 and images.shape[2] % stride == 0:
+    if stride == 1:  # dx[i] = sum_t dy[i + before - t] w[t]: a conv with the flipped kernel, in and out swapped
+        flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+        images_grad = conv2d(output_grad, flipped, 1, [(kernel_size - 1 - before, kernel_size - 1 - after)
+                                                       for before, after in padding])
+    elif padding == same and images.shape[1] % stride == 0 and images.shape[2] % stride == 0:
         # the transposed conv of the output gradient; TF's Conv2DTranspose reads the HWIO kernel as [k, k, out, in]
         images_grad = transposed_conv(output_grad, kernel, stride)
     else:
@@ -324,17 +379,19 @@ def space_to_depth(images: jax.Array, block: int) -> jax.Array:
     return images.transpose(0, 1, 3, 2, 4, 5).reshape(batch, height // block, width // block, block * block * channels)
 
 
-def blocked_conv(images: jax.Array, kernel: jax.Array, block: int) -> jax.Array:
-    """A stride-1 "SAME" conv (square HWIO kernel) on block x block pixel blocks: [B, H, W, in] -> [B, H, W, out].
+def blocked_conv(images: jax.Array, kernel: jax.Array, block: int, pad: int | None = None) -> jax.Array:
+    """A stride-1 conv (square HWIO kernel) on block x block pixel blocks: [B, H, W, in] -> [B, H, W, out].
 
+    `pad`: the padding before, on both axes (default: "SAME"'s); after it, kernel size - 1 - pad (the
+    output keeps the input's size).
     Output pixel block * m + out_phase receives input pixel block * (m + offset) + in_phase
-    through tap t = block * offset + in_phase - out_phase + pad (pad: the SAME padding before),
+    through tap t = block * offset + in_phase - out_phase + pad,
     so the conv becomes a stride-1 conv from block * block * in to block * block * out channels
     over the blocks (space_to_depth, then depth_to_space). The same function, exactly; only
     the order of the sums differs.
     """
     kernel_size = kernel.shape[0]
-    pad = same_padding(kernel_size, 1)[0]
+    pad = same_padding(kernel_size, 1)[0] if pad is None else pad
     min_offset = -((pad + block - 1) // block)
     max_offset = (block - 1 + kernel_size - 1 - pad) // block
     zero = jnp.zeros_like(kernel[0, 0])  # [in, out]

@@ -5,17 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slotjax.modules import (_xla_conv, blocked_conv, conv2d, depth_to_space, same_padding,
+from slotjax.modules import (_runs_on_blocks, _xla_conv, blocked_conv, conv2d, depth_to_space, same_padding,
                              transposed_conv_as_conv)
 
 
-@pytest.mark.parametrize("kernel_size, stride, batch, size",
-                         [(5, 1, 3, 8), (5, 2, 4, 8), (3, 2, 2, 6), (4, 2, 2, 8), (3, 1, 5, 6), (1, 1, 2, 4),
-                          (4, 1, 2, 8), (5, 2, 2, 7), (5, 1, 2, 7)])  # 7: odd, XLA's conv or input gradient
-def test_conv2d_and_its_gradients_equal_xla(kernel_size, stride, batch, size):
+@pytest.mark.parametrize("kernel_size, stride, batch, size, channels",
+                         [(5, 1, 3, 8, (3, 4)), (5, 2, 4, 8, (3, 4)), (3, 2, 2, 6, (3, 4)), (4, 2, 2, 8, (3, 4)),
+                          (3, 1, 5, 6, (3, 4)), (1, 1, 2, 4, (3, 4)), (4, 1, 2, 8, (3, 4)),
+                          (5, 2, 2, 7, (3, 4)), (5, 1, 2, 7, (3, 4)),  # 7: odd, XLA's conv or input gradient
+                          (5, 1, 2, 8, (16, 16)), (3, 1, 2, 8, (16, 4)), (5, 1, 2, 8, (8, 32))])  # 8 -> 32: XLA's
+def test_conv2d_and_its_gradients_equal_xla(kernel_size, stride, batch, size, channels):
     keys = jax.random.split(jax.random.key(kernel_size * 10 + stride), 3)
-    images = jax.random.normal(keys[0], (batch, size, size, 3))
-    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, 3, 4))
+    images = jax.random.normal(keys[0], (batch, size, size, channels[0]))
+    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, *channels))
     padding = tuple([same_padding(kernel_size, stride)] * 2)
     cotangent = jax.random.normal(keys[2], conv2d(images, kernel, stride).shape)
     ours = jax.vjp(lambda x, w: conv2d(x, w, stride), images, kernel)
@@ -51,3 +53,33 @@ def test_conv_on_pixel_blocks_equals_the_conv(kernel_size, block, channels):
     np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
     for got, expected in zip(ours[1](cotangent), xla[1](cotangent)):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_size_preserving_conv_on_pixel_blocks_with_any_padding(pad):
+    """conv2d with padding (pad, 3 - pad) of a 4x4 kernel (the input gradients' paddings) equals XLA's."""
+    keys = jax.random.split(jax.random.key(pad), 3)
+    images = jax.random.normal(keys[0], (2, 8, 6, 4))
+    kernel = jax.random.normal(keys[1], (4, 4, 4, 16))
+    padding = ((pad, 3 - pad),) * 2
+    cotangent = jax.random.normal(keys[2], (2, 8, 6, 16))
+    ours = jax.vjp(lambda x, w: conv2d(x, w, 1, padding), images, kernel)
+    xla = jax.vjp(lambda x, w: _xla_conv(x, w, 1, padding), images, kernel)
+    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ours[1](cotangent), xla[1](cotangent)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel_shape, size, padding, on_blocks", [
+    ((5, 5, 3, 32), 32, ((2, 2),) * 2, True),  # RGB input layer
+    ((5, 5, 16, 16), 32, ((2, 2),) * 2, True),  # CPU preset decoder
+    ((3, 3, 16, 4), 32, ((1, 1),) * 2, True),
+    ((5, 5, 32, 32), 32, ((2, 2),) * 2, False),  # XLA gives it to YNNPACK
+    ((3, 3, 16, 64), 16, ((1, 1),) * 2, False),
+    ((5, 5, 16, 16), 7, ((2, 2),) * 2, False),  # odd size
+    ((5, 5, 16, 16), 8, ((1, 1),) * 2, False),  # shrinks the image
+    ((5, 5, 16, 16), 8, ((2, 2), (1, 3)), False),  # other padding on each axis
+])
+def test_which_convs_run_on_pixel_blocks(kernel_shape, size, padding, on_blocks):
+    images = jnp.zeros((2, size, size, kernel_shape[2]))
+    assert _runs_on_blocks(images, jnp.zeros(kernel_shape), padding) == on_blocks

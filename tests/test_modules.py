@@ -77,3 +77,27 @@ def test_bad_constructor_arguments():
         slotjax.SlotAttention(num_slots=0, slot_size=8, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="num_iterations"):
         slotjax.SlotAttention(num_slots=2, slot_size=8, num_iterations=-1, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (64, 32), (2, 3, 4, 16)])
+def test_layer_norm_equals_flax_values_and_gradients(shape):
+    """`modules.LayerNorm` (row statistics as matrix-vector products on CPU) is `nnx.LayerNorm`."""
+    keys = jax.random.split(jax.random.key(shape[-1] + len(shape)), 4)
+    inputs = 3.0 * jax.random.normal(keys[0], shape) + 1.5
+    ours = slotjax.modules.layer_norm(shape[-1], 1e-3, nnx.Rngs(0))
+    ours.scale[...] = jax.random.normal(keys[1], (shape[-1],))
+    ours.bias[...] = jax.random.normal(keys[2], (shape[-1],))
+    flax_norm = nnx.LayerNorm(shape[-1], epsilon=1e-3, rngs=nnx.Rngs(0))
+    flax_norm.scale[...], flax_norm.bias[...] = ours.scale[...], ours.bias[...]
+    cotangent = jax.random.normal(keys[3], shape)
+
+    def vjp(module):
+        graphdef, params = nnx.split(module)
+        outputs, pullback = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, inputs)
+        params_grad, inputs_grad = pullback(cotangent)
+        return outputs, inputs_grad, params_grad["scale"][...], params_grad["bias"][...]
+
+    for got, expected in zip(vjp(ours), vjp(flax_norm)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    half = inputs.astype(jnp.bfloat16)  # other dtypes take Flax's own path
+    np.testing.assert_array_equal(ours(half), nnx.LayerNorm.__call__(ours, half))
