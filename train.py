@@ -12,12 +12,17 @@ Rerunning the same command with the same --workdir resumes from the last checkpo
 import os
 import sys
 
+from slotjax import huge_pages
+
+if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()  # Linux: re-executes with glibc asking for huge pages (faster CPU steps)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (data, TensorBoard) is quiet unless it errs
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from slotjax import configs
+from slotjax import configs  # noqa: E402
 
 
 def _peek(argv: list[str], name: str, default: str) -> str:

@@ -1,7 +1,7 @@
 """Step time of slotjax against torch_reference: same configuration, same machine, one run.
 
     python benchmarks/step_time.py [--repeats 5] [--threads N] [--only NAME ...]
-        [--official] [--batch-size B] [--peak-tflops T] [--json PATH]
+        [--official] [--batch-size B] [--peak-tflops T] [--no-huge-pages] [--json PATH]
 
 Rows: the Slot Attention module alone (batch 64, 1024 inputs of size 64, 7
 slots of size 64, 3 iterations) and both task models (CPU presets, or the
@@ -23,6 +23,10 @@ Threads: torch.set_num_threads(N) for PyTorch; for XLA, PJRT_NPROC=N sizes
 the CPU client's intra-op (Eigen) thread pool. The flag once spelled
 `intra_op_parallelism_threads` is not an XLA flag (XLA_FLAGS rejects it), so
 XLA_FLAGS only gets `--xla_cpu_multi_thread_eigen=true` (the default).
+
+Memory: like train.py, the script restarts itself with glibc asking for
+transparent huge pages (`slotjax.huge_pages`, Linux), which both frameworks
+share; `--no-huge-pages` keeps 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -46,10 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "67 float32, 495 TF32 dense; JAX multiplies float32 in TF32 on GPU by default)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
+                        help="keep glibc's default 4 KiB pages (train.py asks for huge pages: slotjax.huge_pages)")
     return parser
 
 
 ARGS = build_parser().parse_args() if __name__ == "__main__" else build_parser().parse_args([])
+if __name__ == "__main__":
+    from slotjax import huge_pages
+
+    if ARGS.huge_pages:  # both frameworks run in this one process: the same allocator setting for both
+        huge_pages.restart_with_huge_pages()
 # Before jax is imported: the size of XLA's CPU thread pool is read when the client starts.
 os.environ["PJRT_NPROC"] = str(ARGS.threads)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
@@ -342,7 +353,7 @@ def main() -> None:
     print(f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()}: {jax.devices()[0]}), "
           f"Flax {flax.__version__}, torch {torch.__version__} ({TORCH_DEVICE}); CPU {cpu}, "
           f"{args.threads} threads; {'official' if args.official else 'CPU preset'} configurations; "
-          f"median of {args.repeats}", flush=True)
+          f"median of {args.repeats}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
     rows = run(args)
     print()
     print(markdown_table(rows, gpu))
@@ -352,7 +363,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"rows": rows, "threads": args.threads, "repeats": args.repeats, "official": args.official,
-                       "backend": jax.default_backend(), "cpu": cpu}, file, indent=2)
+                       "backend": jax.default_backend(), "cpu": cpu,
+                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}, file, indent=2)
         print(f"\nwrote {args.json}")
 
 
