@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (data, TensorBo
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from slotjax import configs  # noqa: E402
+from slotjax import configs, cpu_devices  # noqa: E402
 
 
 def _peek(argv: list[str], name: str, default: str) -> str:
@@ -84,6 +84,11 @@ def main(argv):
     workdir = FLAGS.workdir or f"runs/{FLAGS.task}"
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
 
+    try:  # before JAX starts: one CPU device per core, each with a shard of the batch (no effect on GPUs, TPUs)
+        cpu_devices.split_host(config.cpu_devices or cpu_devices.device_count([config.batch_size,
+                                                                              config.eval_batch_size]))
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     from slotjax import trainer  # imports JAX: after flag parsing, so --help is quick
 
     trainer.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

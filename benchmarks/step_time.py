@@ -1,7 +1,7 @@
 """Step time of slotjax against torch_reference: same configuration, same machine, one run.
 
     python benchmarks/step_time.py [--repeats 5] [--threads N] [--only NAME ...]
-        [--official] [--batch-size B] [--peak-tflops T] [--no-huge-pages] [--json PATH]
+        [--official] [--batch-size B] [--peak-tflops T] [--no-huge-pages] [--cpu-devices N] [--json PATH]
 
 Rows: the Slot Attention module alone (batch 64, 1024 inputs of size 64, 7
 slots of size 64, 3 iterations) and both task models (CPU presets, or the
@@ -22,7 +22,10 @@ share of --peak-tflops that the step's FLOPs (XLA's cost analysis) reach.
 Threads: torch.set_num_threads(N) for PyTorch; for XLA, PJRT_NPROC=N sizes
 the CPU client's intra-op (Eigen) thread pool. The flag once spelled
 `intra_op_parallelism_threads` is not an XLA flag (XLA_FLAGS rejects it), so
-XLA_FLAGS only gets `--xla_cpu_multi_thread_eigen=true` (the default).
+XLA_FLAGS only gets `--xla_cpu_multi_thread_eigen=true` (the default). Like
+train.py, JAX on a CPU runs data-parallel over one device per thread
+(`slotjax.cpu_devices`: XLA's YNNPACK kernels use one thread per device), the
+batch sharded between them; `--cpu-devices 1` keeps one device.
 
 Memory: like train.py, the script restarts itself with glibc asking for
 transparent huge pages (`slotjax.huge_pages`, Linux), which both frameworks
@@ -52,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
                         help="keep glibc's default 4 KiB pages (train.py asks for huge pages: slotjax.huge_pages)")
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="JAX on a CPU: data-parallel over this many devices (default: one per thread, as many "
+                             "as divide the batch sizes; 1: one multi-threaded device, XLA's default)")
     return parser
 
 
@@ -61,6 +67,11 @@ if __name__ == "__main__":
 
     if ARGS.huge_pages:  # both frameworks run in this one process: the same allocator setting for both
         huge_pages.restart_with_huge_pages()
+from slotjax import cpu_devices  # noqa: E402
+
+# Before jax starts its CPU client: the batches of the rows (module 64, task models' batch) divide among the devices.
+CPU_DEVICES = cpu_devices.split_host(
+    ARGS.cpu_devices or cpu_devices.device_count([64, ARGS.batch_size or 16], ARGS.threads))
 # Before jax is imported: the size of XLA's CPU thread pool is read when the client starts.
 os.environ["PJRT_NPROC"] = str(ARGS.threads)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
@@ -77,6 +88,7 @@ import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import jaxlib  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import torch  # noqa: E402
@@ -176,9 +188,20 @@ WORKLOADS = {
 # ---------------------------------------------------------------------------------------------- JAX
 
 
+def jax_mesh() -> Mesh:
+    """The devices JAX runs on: the CPU_DEVICES of a CPU (data-parallel), or one accelerator."""
+    devices = jax.devices()[:CPU_DEVICES if jax.default_backend() == "cpu" else 1]
+    return Mesh(np.asarray(devices), ("data",))
+
+
 def time_jax(step: Callable, state, batch, repeats: int) -> dict[str, float]:
-    """`step(state, batch) -> (state, output)` jitted with the state donated: median ms, compile s, FLOPs."""
-    state = jax.tree.map(jnp.copy, state)  # donated below: the model keeps its own arrays
+    """`step(state, batch) -> (state, output)` jitted with the state donated: median ms, compile s, FLOPs.
+
+    The state is replicated over `jax_mesh()`, the batch split along its first axis.
+    """
+    mesh = jax_mesh()
+    state = jax.device_put(jax.tree.map(jnp.copy, state), NamedSharding(mesh, PartitionSpec()))  # donated below
+    batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec("data")))
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     compile_s = time.perf_counter() - start
@@ -201,7 +224,7 @@ def jax_forward(workload: Workload, repeats: int) -> dict[str, float]:
         model = nnx.merge(graphdef, params, rest, copy=True)
         return params, model(batch["inputs"], key=jax.random.key(0))
 
-    return time_jax(step, params, jax.device_put(workload.batch), repeats)
+    return time_jax(step, params, workload.batch, repeats)
 
 
 def jax_train(workload: Workload, repeats: int) -> dict[str, float]:
@@ -220,7 +243,7 @@ def jax_train(workload: Workload, repeats: int) -> dict[str, float]:
         return (optax.apply_updates(params, updates), opt_state), loss
 
     state = (params, optimizer.init(params))
-    return time_jax(step, state, jax.device_put(workload.batch), repeats)
+    return time_jax(step, state, workload.batch, repeats)
 
 
 # ------------------------------------------------------------------------------------------ PyTorch
@@ -350,7 +373,8 @@ def main() -> None:
     gpu = jax.default_backend() == "gpu"
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()}: {jax.devices()[0]}), "
+    devices = jax_mesh().devices.ravel()
+    print(f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()}: {len(devices)} x {devices[0]}), "
           f"Flax {flax.__version__}, torch {torch.__version__} ({TORCH_DEVICE}); CPU {cpu}, "
           f"{args.threads} threads; {'official' if args.official else 'CPU preset'} configurations; "
           f"median of {args.repeats}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
@@ -363,7 +387,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"rows": rows, "threads": args.threads, "repeats": args.repeats, "official": args.official,
-                       "backend": jax.default_backend(), "cpu": cpu,
+                       "backend": jax.default_backend(), "jax_devices": len(devices), "cpu": cpu,
                        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}, file, indent=2)
         print(f"\nwrote {args.json}")
 

@@ -308,6 +308,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Trains `config.num_train_steps` steps (resuming from `workdir`), evaluating every `eval_every`."""
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config)
+    devices = trainer.mesh.devices.ravel()
+    print_fn(f"data-parallel over {len(devices)} {devices[0].platform.upper()} device(s), "
+             f"{config.batch_size // len(devices)} examples each")
     logger = Logger(workdir)
     manager = checkpoint_manager(workdir, config)
     state = trainer.initial_state()

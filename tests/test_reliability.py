@@ -33,7 +33,7 @@ import torch
 from flax import nnx
 
 import slotjax
-from slotjax import configs, convert, input_pipeline, losses, metrics, scenes, trainer
+from slotjax import configs, convert, cpu_devices, input_pipeline, losses, metrics, scenes, trainer
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +85,7 @@ def latest_complete_checkpoint(workdir) -> int | None:
 
 @pytest.fixture(scope="module")
 def subprocess_env(tmp_path_factory):
-    """Environment of the train.py runs: one CPU device, a compilation cache shared by the runs of this module."""
+    """Environment of the train.py runs: their own CPU devices (no XLA_FLAGS), a compilation cache shared by the runs of this module."""
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
@@ -139,6 +139,8 @@ def reference_run(tmp_path_factory, subprocess_env):
     workdir = tmp_path_factory.mktemp("reference") / "run"
     code, out, err = run_train(workdir, tiny_flags(num_train_steps=NUM_STEPS), subprocess_env)
     assert code == 0, out[-2000:] + err[-3000:]
+    # train.py splits the CPU into one device per core (as many as divide the batch sizes, 8 and 8)
+    assert f"data-parallel over {cpu_devices.device_count([8, 8])} CPU device(s), " in out
     rows = read_rows(workdir)
     assert [row["step"] for row in rows] == list(range(1, NUM_STEPS + 1))
     return workdir, rows

@@ -50,7 +50,8 @@ def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
     assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["4"]
     lines.clear()
     trainer.train_and_evaluate(config, str(tmp_path / "stopped"), print_fn=lines.append)
-    assert lines[0].startswith("Resuming from the checkpoint at step 4")
+    assert lines[0] == f"data-parallel over {jax.device_count()} CPU device(s), {8 // jax.device_count()} examples each"
+    assert lines[1].startswith("Resuming from the checkpoint at step 4")
 
     unbroken = {row["step"]: row["loss"] for row in read_metrics(tmp_path / "unbroken")}
     resumed = read_metrics(tmp_path / "stopped")
