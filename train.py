@@ -85,8 +85,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
 
     try:  # before JAX starts: one CPU device per core, each with a shard of the batch (no effect on GPUs, TPUs)
-        cpu_devices.split_host(config.cpu_devices or cpu_devices.device_count([config.batch_size,
-                                                                              config.eval_batch_size]))
+        per_core = cpu_devices.device_count([config.batch_size, config.eval_batch_size])
+        cpu_devices.split_host(config.cpu_devices or max(per_core, config.num_devices))
     except ValueError as error:
         sys.exit(f"error: {error}")
     from slotjax import trainer  # imports JAX: after flag parsing, so --help is quick

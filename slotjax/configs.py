@@ -31,7 +31,7 @@ def _common() -> ml_collections.ConfigDict:
     config.max_checkpoints_to_keep = 3
     config.num_devices = 0  # data-parallel over this many local devices; 0 = all
     # train.py on a CPU: split its cores into this many XLA devices, one batch shard each (slotjax.cpu_devices);
-    # 0 = one per core (the most that divide the batch sizes), 1 = one multi-threaded device
+    # 0 = one per core (the most that divide the batch sizes, at least num_devices), 1 = one multi-threaded device
     config.cpu_devices = 0
     config.nonfinite_loss = "stop"  # "stop" training, or "skip" the batch
     config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 parameters, softmax, normalisations)
