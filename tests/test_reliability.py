@@ -85,7 +85,8 @@ def latest_complete_checkpoint(workdir) -> int | None:
 
 @pytest.fixture(scope="module")
 def subprocess_env(tmp_path_factory):
-    """Environment of the train.py runs: their own CPU devices (no XLA_FLAGS), a compilation cache shared by the runs of this module."""
+    """Environment of the train.py runs: no XLA_FLAGS (train.py splits the CPU itself), a compilation cache
+    shared by the runs of this module."""
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
