@@ -189,9 +189,8 @@ WORKLOADS = {
 
 
 def jax_mesh() -> Mesh:
-    """The devices JAX runs on: the CPU_DEVICES of a CPU (data-parallel), or one accelerator."""
-    devices = jax.devices()[:CPU_DEVICES if jax.default_backend() == "cpu" else 1]
-    return Mesh(np.asarray(devices), ("data",))
+    """The devices JAX runs on: the CPU_DEVICES of a CPU (data-parallel, as in train.py), or one accelerator."""
+    return trainer.make_mesh(CPU_DEVICES if jax.default_backend() == "cpu" else 1)
 
 
 def time_jax(step: Callable, state, batch, repeats: int) -> dict[str, float]:
