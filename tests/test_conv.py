@@ -9,6 +9,18 @@ from slotjax.modules import (_runs_on_blocks, _xla_conv, blocked_conv, conv2d, d
                              transposed_conv_as_conv)
 
 
+def assert_close(got, expected, tolerance):
+    """Equal up to the float32 rounding of sums in another order: within `tolerance` of the largest value."""
+    np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance * np.abs(expected).max())
+
+
+def assert_same_vjp(ours, xla, cotangent):
+    """Two (outputs, vjp function) pairs give the same outputs and gradients."""
+    assert_close(ours[0], xla[0], 2e-6)
+    for got, expected in zip(ours[1](cotangent), xla[1](cotangent)):
+        assert_close(got, expected, 2e-6)
+
+
 @pytest.mark.parametrize("kernel_size, stride, batch, size, channels",
                          [(5, 1, 3, 8, (3, 4)), (5, 2, 4, 8, (3, 4)), (3, 2, 2, 6, (3, 4)), (4, 2, 2, 8, (3, 4)),
                           (3, 1, 5, 6, (3, 4)), (1, 1, 2, 4, (3, 4)), (4, 1, 2, 8, (3, 4)),
@@ -22,9 +34,7 @@ def test_conv2d_and_its_gradients_equal_xla(kernel_size, stride, batch, size, ch
     cotangent = jax.random.normal(keys[2], conv2d(images, kernel, stride).shape)
     ours = jax.vjp(lambda x, w: conv2d(x, w, stride), images, kernel)
     xla = jax.vjp(lambda x, w: _xla_conv(x, w, stride, padding), images, kernel)
-    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(ours[1](cotangent), xla[1](cotangent)):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_same_vjp(ours, xla, cotangent)
 
 
 @pytest.mark.parametrize("kernel_size, stride", [(5, 2), (5, 1), (3, 1), (3, 2), (4, 2)])
@@ -40,19 +50,22 @@ def test_sub_pixel_conv_equals_transposed_conv(kernel_size, stride):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_size, block, channels", [(5, 2, 3), (3, 2, 1), (4, 2, 8), (5, 4, 2), (1, 2, 3)])
-def test_conv_on_pixel_blocks_equals_the_conv(kernel_size, block, channels):
-    """`blocked_conv` is a stride-1 "SAME" conv, values and both gradients (any block and kernel size)."""
-    keys = jax.random.split(jax.random.key(kernel_size * 10 + block), 3)
+@pytest.mark.parametrize("kernel_shape, block, padding", [
+    ((5, 5), 2, None), ((3, 3), 2, None), ((4, 4), 2, None), ((5, 5), 4, None), ((1, 1), 2, None),
+    ((3, 5), 2, ((0, 0), (1, 3))),  # any height padding (this one shrinks the height), width kept
+    ((5, 2), 3, ((4, 1), (0, 1))),
+])
+def test_conv_on_pixel_blocks_equals_the_conv(kernel_shape, block, padding):
+    """`blocked_conv` is a stride-1 conv, values and both gradients (any block, kernel shape and height padding)."""
+    keys = jax.random.split(jax.random.key(sum(kernel_shape) * 10 + block), 3)
+    channels = kernel_shape[0]
     images = jax.random.normal(keys[0], (2, 8, 12, channels))
-    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, channels, 5))
-    padding = tuple([same_padding(kernel_size, 1)] * 2)
-    cotangent = jax.random.normal(keys[2], (2, 8, 12, 5))
-    ours = jax.vjp(lambda x, w: blocked_conv(x, w, block), images, kernel)
+    kernel = jax.random.normal(keys[1], (*kernel_shape, channels, 5))
+    ours = jax.vjp(lambda x, w: blocked_conv(x, w, block, padding), images, kernel)
+    padding = padding or tuple(same_padding(size, 1) for size in kernel_shape)
+    cotangent = jax.random.normal(keys[2], ours[0].shape)
     xla = jax.vjp(lambda x, w: _xla_conv(x, w, 1, padding), images, kernel)
-    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(ours[1](cotangent), xla[1](cotangent)):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_same_vjp(ours, xla, cotangent)
 
 
 @pytest.mark.parametrize("pad", [0, 1, 2, 3])
@@ -65,9 +78,20 @@ def test_size_preserving_conv_on_pixel_blocks_with_any_padding(pad):
     cotangent = jax.random.normal(keys[2], (2, 8, 6, 16))
     ours = jax.vjp(lambda x, w: conv2d(x, w, 1, padding), images, kernel)
     xla = jax.vjp(lambda x, w: _xla_conv(x, w, 1, padding), images, kernel)
-    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5, atol=1e-5)
-    for got, expected in zip(ours[1](cotangent), xla[1](cotangent)):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_same_vjp(ours, xla, cotangent)
+
+
+@pytest.mark.parametrize("kernel_shape, padding", [((3, 5), ((0, 0), (2, 2))), ((5, 3), ((3, 0), (0, 2)))])
+def test_conv2d_with_non_square_kernels_and_height_padding_equals_xla(kernel_shape, padding):
+    """The convs on pixel pairs with a kernel and height padding of any shape (their input gradient included)."""
+    keys = jax.random.split(jax.random.key(sum(padding[0])), 3)
+    images = jax.random.normal(keys[0], (2, 8, 6, 3))
+    kernel = jax.random.normal(keys[1], (*kernel_shape, 3, 8))
+    assert _runs_on_blocks(images, kernel, padding)
+    ours = jax.vjp(lambda x, w: conv2d(x, w, 1, padding), images, kernel)
+    xla = jax.vjp(lambda x, w: _xla_conv(x, w, 1, padding), images, kernel)
+    cotangent = jax.random.normal(keys[2], xla[0].shape)
+    assert_same_vjp(ours, xla, cotangent)
 
 
 @pytest.mark.parametrize("kernel_shape, size, padding, on_blocks", [
@@ -78,8 +102,16 @@ def test_size_preserving_conv_on_pixel_blocks_with_any_padding(pad):
     ((3, 3, 16, 64), 16, ((1, 1),) * 2, False),
     ((5, 5, 16, 16), 7, ((2, 2),) * 2, False),  # odd size
     ((5, 5, 16, 16), 8, ((1, 1),) * 2, False),  # shrinks the image
-    ((5, 5, 16, 16), 8, ((2, 2), (1, 3)), False),  # other padding on each axis
+    ((5, 5, 16, 16), 8, ((0, 0), (1, 3)), True),  # any height padding; the width's keeps the width
+    ((3, 5, 3, 8), 8, ((1, 1), (2, 2)), True),
 ])
 def test_which_convs_run_on_pixel_blocks(kernel_shape, size, padding, on_blocks):
     images = jnp.zeros((2, size, size, kernel_shape[2]))
     assert _runs_on_blocks(images, jnp.zeros(kernel_shape), padding) == on_blocks
+
+
+def test_blocked_conv_refuses_a_width_it_cannot_keep():
+    with pytest.raises(ValueError, match="width padding summing to 4"):
+        blocked_conv(jnp.zeros((1, 8, 8, 3)), jnp.zeros((5, 5, 3, 4)), 2, ((2, 2), (1, 1)))
+    with pytest.raises(ValueError, match="divisible by 2"):
+        blocked_conv(jnp.zeros((1, 8, 7, 3)), jnp.zeros((5, 5, 3, 4)), 2)
