@@ -16,7 +16,9 @@ host). Compilation and warm-up are excluded from the step times; the JAX
 compile time (lower + compile) and the torch.compile time (its two warm-up
 calls, compilation included; inductor caches compiled graphs on disk, so a
 second run of the script compiles faster) are reported on their own. Times
-are medians over --repeats steps. On GPU the table adds JAX images/s and the
+are medians over --repeats rounds, and a round runs one step of each (JAX,
+eager, compiled) in turn: on a shared machine the speed drifts within minutes,
+and interleaving shows both frameworks the same drift. On GPU the table adds JAX images/s and the
 share of --peak-tflops that the step's FLOPs (XLA's cost analysis) reach.
 
 Threads: torch.set_num_threads(N) for PyTorch; for XLA, PJRT_NPROC=N sizes
@@ -193,10 +195,11 @@ def jax_mesh() -> Mesh:
     return trainer.make_mesh(CPU_DEVICES if jax.default_backend() == "cpu" else 1)
 
 
-def time_jax(step: Callable, state, batch, repeats: int) -> dict[str, float]:
-    """`step(state, batch) -> (state, output)` jitted with the state donated: median ms, compile s, FLOPs.
+def prepare_jax(step: Callable, state, batch) -> tuple[Callable[[], None], dict[str, float]]:
+    """`step(state, batch) -> (state, output)` compiled with the state donated, and warmed up.
 
-    The state is replicated over `jax_mesh()`, the batch split along its first axis.
+    Returns a function running one step (the state carried from step to step) and the compile seconds and
+    FLOPs. The state is replicated over `jax_mesh()`, the batch split along its first axis.
     """
     mesh = jax_mesh()
     state = jax.device_put(jax.tree.map(jnp.copy, state), NamedSharding(mesh, PartitionSpec()))  # donated below
@@ -206,27 +209,25 @@ def time_jax(step: Callable, state, batch, repeats: int) -> dict[str, float]:
     compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    state, output = jax.block_until_ready(compiled(state, batch))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, output = jax.block_until_ready(compiled(state, batch))
-        times.append(time.perf_counter() - start)
-    return {"jax_ms": 1e3 * statistics.median(times), "jax_compile_s": compile_s,
-            "flops": float((cost or {}).get("flops", float("nan")))}
+    carried = [jax.block_until_ready(compiled(state, batch))[0]]  # warm-up
+
+    def run_step():
+        carried[0] = jax.block_until_ready(compiled(carried[0], batch))[0]
+
+    return run_step, {"jax_compile_s": compile_s, "flops": float((cost or {}).get("flops", float("nan")))}
 
 
-def jax_forward(workload: Workload, repeats: int) -> dict[str, float]:
+def jax_forward(workload: Workload) -> tuple[Callable[[], None], dict[str, float]]:
     graphdef, params, rest = nnx.split(workload.jax_model, nnx.Param, ...)
 
     def step(params, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
         return params, model(batch["inputs"], key=jax.random.key(0))
 
-    return time_jax(step, params, workload.batch, repeats)
+    return prepare_jax(step, params, workload.batch)
 
 
-def jax_train(workload: Workload, repeats: int) -> dict[str, float]:
+def jax_train(workload: Workload) -> tuple[Callable[[], None], dict[str, float]]:
     graphdef, params, rest = nnx.split(workload.jax_model, nnx.Param, ...)
     optimizer = optim.make_optimizer(**workload.optimizer)
 
@@ -242,7 +243,7 @@ def jax_train(workload: Workload, repeats: int) -> dict[str, float]:
         return (optax.apply_updates(params, updates), opt_state), loss
 
     state = (params, optimizer.init(params))
-    return time_jax(step, state, workload.batch, repeats)
+    return prepare_jax(step, state, workload.batch)
 
 
 # ------------------------------------------------------------------------------------------ PyTorch
@@ -253,20 +254,33 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_torch(step: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median ms of `step()` over `repeats` calls, and the seconds the `warmup` calls before took."""
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    _synchronize()
-    warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def prepare_torch(step: Callable[[], Any], warmup: int = 2) -> tuple[Callable[[], None], float]:
+    """`step` made synchronous, after `warmup` calls, and the seconds those calls took (compilation included)."""
+    def run_step():
         step()
         _synchronize()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times), warmup_s
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run_step()
+    return run_step, time.perf_counter() - start
+
+
+def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median ms of each step over `repeats` rounds; a round runs every step once, the order rotating.
+
+    Interleaved so that both frameworks see the same machine: on a shared VM a step's time drifts by
+    10-30% within minutes, which timing one framework after the other reads as a difference.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 def torch_forward_step(workload: Workload, model: Callable) -> Callable[[], Any]:
@@ -295,38 +309,26 @@ def torch_train_step(workload: Workload, model: Callable) -> Callable[[], Any]:
     return step
 
 
-def time_torch_both(workload: Workload, make_step: Callable, repeats: int, use_compile: bool) -> dict[str, Any]:
-    """Eager, then torch.compile of the model ("n/a" and the reason where it fails)."""
-    row: dict[str, Any] = {}
-    row["torch_ms"], _ = time_torch(make_step(workload, workload.torch_model), repeats)
-    if not use_compile:
-        row["torch_compile_ms"] = None
-        return row
-    try:
-        torch._dynamo.reset()
-        compiled = torch.compile(workload.torch_model)
-        row["torch_compile_ms"], row["torch_compile_s"] = time_torch(make_step(workload, compiled), repeats)
-    except Exception as error:  # noqa: BLE001 - any failure of torch.compile is reported, not fatal
-        row["torch_compile_ms"] = None
-        row["torch_compile_note"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-    return row
+def timed_row(workload: Workload, jax_step: Callable, make_torch_step: Callable, args) -> dict[str, Any]:
+    """JAX, PyTorch eager and torch.compile of the model ("n/a" and the reason where it fails), side by side."""
+    run_jax, row = jax_step(workload)
+    steps = {"jax_ms": run_jax, "torch_ms": prepare_torch(make_torch_step(workload, workload.torch_model))[0]}
+    row["torch_compile_ms"] = None
+    if not args.no_compile:
+        try:
+            torch._dynamo.reset()
+            compiled = torch.compile(workload.torch_model)
+            steps["torch_compile_ms"], row["torch_compile_s"] = prepare_torch(make_torch_step(workload, compiled))
+        except Exception as error:  # noqa: BLE001 - any failure of torch.compile is reported, not fatal
+            row["torch_compile_note"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+    return {**row, **time_side_by_side(steps, args.repeats)}
 
 
 # --------------------------------------------------------------------------------------------- Rows
 
 
-def forward_row(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    return {**jax_forward(workload, args.repeats),
-            **time_torch_both(workload, torch_forward_step, args.repeats, not args.no_compile)}
-
-
-def train_row(workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    return {**jax_train(workload, args.repeats),
-            **time_torch_both(workload, torch_train_step, args.repeats, not args.no_compile)}
-
-
-ROWS = {f"{workload}/{mode}": (workload, row) for workload in WORKLOADS
-        for mode, row in (("forward", forward_row), ("train_step", train_row))}
+ROWS = {f"{workload}/{mode}": (workload, steps) for workload in WORKLOADS
+        for mode, steps in (("forward", (jax_forward, torch_forward_step)), ("train_step", (jax_train, torch_train_step)))}
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -336,12 +338,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     workloads: dict[str, Workload] = {}
     rows = []
     for name in names:
-        workload_name, row_function = ROWS[name]
+        workload_name, (jax_step, make_torch_step) = ROWS[name]
         if workload_name not in workloads:
             workloads[workload_name] = WORKLOADS[workload_name](args.official, args.batch_size)
         workload = workloads[workload_name]
         print(f"running {name} (batch {workload.batch_size}) ...", flush=True)
-        row = {"name": name, "batch_size": workload.batch_size, **row_function(workload, args)}
+        row = {"name": name, "batch_size": workload.batch_size, **timed_row(workload, jax_step, make_torch_step, args)}
         row["ratio_jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
         row["jax_images_per_s"] = workload.batch_size / (row["jax_ms"] / 1e3)
         if args.peak_tflops:
