@@ -18,8 +18,9 @@ calls, compilation included; inductor caches compiled graphs on disk, so a
 second run of the script compiles faster) are reported on their own. Times
 are medians over --repeats rounds, and a round runs one step of each (JAX,
 eager, compiled) in turn: on a shared machine the speed drifts within minutes,
-and interleaving shows both frameworks the same drift. On GPU the table adds JAX images/s and the
-share of --peak-tflops that the step's FLOPs (XLA's cost analysis) reach.
+and interleaving shows both frameworks the same drift. On GPU the table adds
+JAX images/s and the share of --peak-tflops that the step's FLOPs (XLA's cost
+analysis) reach.
 
 Threads: torch.set_num_threads(N) for PyTorch; for XLA, PJRT_NPROC=N sizes
 the CPU client's intra-op (Eigen) thread pool. The flag once spelled

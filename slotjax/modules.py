@@ -294,9 +294,10 @@ def _cpu_conv(images, kernel, stride, padding):
 
     Stride 1 (the convs `_runs_on_blocks` picks): forward on pairs of pixels along the width
     (`blocked_conv`, e.g. 14.3 -> 6.4 ms for the CPU preset decoder's 5x5 16 -> 16 layer), input
-    gradient the conv of the output gradient with the flipped kernel, again through `conv2d`. Stride > 1: XLA's forward; the input gradient of a
-    "SAME" conv is the transposed conv of the output gradient as a sub-pixel conv (`transposed_conv`,
-    about 4x faster than XLA's conv of the zero-dilated gradient), XLA's otherwise.
+    gradient the conv of the output gradient with the flipped kernel, again through `conv2d`.
+    Stride > 1: XLA's forward; the input gradient of a "SAME" conv is the transposed conv of the
+    output gradient as a sub-pixel conv (`transposed_conv`, about 4x faster than XLA's conv of the
+    zero-dilated gradient), XLA's otherwise.
     """
     if stride == 1:
         return blocked_conv(images, kernel, 2, padding)
