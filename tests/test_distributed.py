@@ -56,22 +56,31 @@ def assert_same_training(result, reference, num_steps=4, learning_rate=1e-3):
     assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+    """Training on one of 8 forced CPU devices, the reference of both tests; (directory of its run, result)."""
+    directory = tmp_path_factory.mktemp("single_device")
+    (result,) = run_workers(directory, "one", num_devices=1, device_count=8)
+    assert len(result["losses"]) == 4
+    return directory, result
+
+
 @pytest.mark.slow
-def test_eight_devices_train_like_one(tmp_path):
-    (single,) = run_workers(tmp_path, "one", num_devices=1, device_count=8)
+def test_eight_devices_train_like_one(tmp_path, single_device_run):
+    directory, single = single_device_run
     (eight,) = run_workers(tmp_path, "eight", num_devices=0, device_count=8)
-    assert int(eight["device_count"]) == 8 and len(single["losses"]) == 4
+    assert int(eight["device_count"]) == 8
     assert_same_training(eight, single)
     # the single-device checkpoint restores on 8 devices, unchanged
-    (restored,) = run_workers(tmp_path, "one", num_devices=0, device_count=8)
+    (restored,) = run_workers(directory, "one", num_devices=0, device_count=8)
     for name in single:
         if name.startswith("param."):
             np.testing.assert_array_equal(restored[name], single[name])
 
 
 @pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
-    (single,) = run_workers(tmp_path, "single", num_devices=0, device_count=2)
+def test_two_processes_train_like_one(tmp_path, single_device_run):
+    _, single = single_device_run
     first, second = run_workers(tmp_path, "pair", num_devices=0, device_count=1, num_processes=2)
     assert int(first["device_count"]) == 2
     assert_same_training(first, single)
