@@ -50,15 +50,14 @@ def test_sub_pixel_conv_equals_transposed_conv(kernel_size, stride):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel_shape, block, padding", [
-    ((5, 5), 2, None), ((3, 3), 2, None), ((4, 4), 2, None), ((5, 5), 4, None), ((1, 1), 2, None),
-    ((3, 5), 2, ((0, 0), (1, 3))),  # any height padding (this one shrinks the height), width kept
-    ((5, 2), 3, ((4, 1), (0, 1))),
+@pytest.mark.parametrize("kernel_shape, block, padding, channels", [
+    ((5, 5), 2, None, 3), ((3, 3), 2, None, 1), ((4, 4), 2, None, 8), ((5, 5), 4, None, 2), ((1, 1), 2, None, 3),
+    ((3, 5), 2, ((0, 0), (1, 3)), 4),  # any height padding (this one shrinks the height), width kept
+    ((5, 2), 3, ((4, 1), (0, 1)), 5),
 ])
-def test_conv_on_pixel_blocks_equals_the_conv(kernel_shape, block, padding):
+def test_conv_on_pixel_blocks_equals_the_conv(kernel_shape, block, padding, channels):
     """`blocked_conv` is a stride-1 conv, values and both gradients (any block, kernel shape and height padding)."""
     keys = jax.random.split(jax.random.key(sum(kernel_shape) * 10 + block), 3)
-    channels = kernel_shape[0]
     images = jax.random.normal(keys[0], (2, 8, 12, channels))
     kernel = jax.random.normal(keys[1], (*kernel_shape, channels, 5))
     ours = jax.vjp(lambda x, w: blocked_conv(x, w, block, padding), images, kernel)
