@@ -328,8 +328,8 @@ def timed_row(workload: Workload, jax_step: Callable, make_torch_step: Callable,
 # --------------------------------------------------------------------------------------------- Rows
 
 
-ROWS = {f"{workload}/{mode}": (workload, steps) for workload in WORKLOADS
-        for mode, steps in (("forward", (jax_forward, torch_forward_step)), ("train_step", (jax_train, torch_train_step)))}
+STEPS = {"forward": (jax_forward, torch_forward_step), "train_step": (jax_train, torch_train_step)}
+ROWS = {f"{workload}/{mode}": (workload, steps) for workload in WORKLOADS for mode, steps in STEPS.items()}
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -3,9 +3,9 @@
 XLA's CPU client runs a program on one device with a pool of threads, but the YNNPACK kernels that compute
 most of a Slot Attention step (its convolutions and matrix products) run on one thread: on 2 cores, the
 discovery step took 278-311 ms with one device and 163-192 ms split over two devices, set prediction 92-121
-against 57-70 ms (benchmarks/README.md, sixth session). Split into devices, the trainer's data-parallel mesh (the same one
-that spans GPUs) runs one shard of the batch per core side by side: the same function, only the order of
-the sums over the batch differs.
+against 57-70 ms (benchmarks/README.md, sixth session). Split into devices, the trainer's data-parallel
+mesh (the same one that spans GPUs) runs one shard of the batch per core side by side: the same function,
+only the order of the sums over the batch differs.
 
 XLA reads the device count when JAX starts its CPU client, so `split_host` runs before that (train.py calls
 it after parsing its flags, before it imports the trainer). It only touches the CPU platform: on a machine
