@@ -265,7 +265,7 @@ def conv2d(images: jax.Array, kernel: jax.Array, stride: int = 1, padding=None) 
     if padding is None:
         padding = [same_padding(kernel.shape[0], stride), same_padding(kernel.shape[1], stride)]
     padding = tuple(tuple(pair) for pair in padding)
-    if jax.default_backend() == "cpu" and (stride > 1 or _runs_on_blocks(images, kernel, padding)):
+    if jax.default_backend() == "cpu":
         return _cpu_conv(images, kernel, stride, padding)
     return _xla_conv(images, kernel, stride, padding)
 
@@ -290,16 +290,18 @@ def _xla_conv(images, kernel, stride, padding):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _cpu_conv(images, kernel, stride, padding):
-    """A conv with XLA's kernel gradient and, where they are faster on CPU, other forms of the rest.
+    """A conv in the forms that are fastest on CPU; the same function and gradients as XLA's conv.
 
-    Stride 1 (the convs `_runs_on_blocks` picks): forward on pairs of pixels along the width
-    (`blocked_conv`, e.g. 14.3 -> 6.4 ms for the CPU preset decoder's 5x5 16 -> 16 layer), input
-    gradient the conv of the output gradient with the flipped kernel, again through `conv2d`.
+    Stride 1: forward on pairs of pixels along the width for the convs `_runs_on_blocks` picks
+    (`blocked_conv`, e.g. 14.3 -> 6.4 ms for the CPU preset decoder's 5x5 16 -> 16 layer), XLA's
+    otherwise; input gradient the conv of the output gradient with the flipped kernel, again through
+    `conv2d`.
     Stride > 1: XLA's forward; the input gradient of a "SAME" conv is the transposed conv of the
     output gradient as a sub-pixel conv (`transposed_conv`, about 4x faster than XLA's conv of the
-    zero-dilated gradient), XLA's otherwise.
+    zero-dilated gradient), XLA's otherwise. Kernel gradient: XLA's, over chunks of the batch
+    (`_kernel_grad`).
     """
-    if stride == 1:
+    if stride == 1 and _runs_on_blocks(images, kernel, padding):
         return blocked_conv(images, kernel, 2, padding)
     return _xla_conv(images, kernel, stride, padding)
 
@@ -320,8 +322,36 @@ def _cpu_conv_backward(stride, padding, residuals, output_grad):
         images_grad = transposed_conv(output_grad, kernel, stride)
     else:
         images_grad = jax.vjp(lambda x: _xla_conv(x, kernel, stride, padding), images)[1](output_grad)[0]
-    kernel_grad = jax.vjp(lambda w: _xla_conv(images, w, stride, padding), kernel)[1](output_grad)[0]
-    return images_grad, kernel_grad
+    return images_grad, _kernel_grad(images, kernel, stride, padding, output_grad)
+
+
+# XLA's CPU kernel gradient slows down (up to 2-3x per image) once an operand outgrows the core's L2 cache:
+# a chunk's output gradient stays within this many bytes (2 MiB, the L2 cache per core of the benchmark machine).
+KERNEL_GRAD_CHUNK_BYTES = 2 << 20
+
+
+def kernel_grad_chunks(batch: int, image_bytes: int, devices: int) -> int:
+    """How many chunks `_kernel_grad` splits each device's images into: the fewest whose output gradients
+    (`image_bytes` per image) fit in KERNEL_GRAD_CHUNK_BYTES, with the batch split over `devices`."""
+    local_batch = batch // devices if batch % devices == 0 else batch
+    return min(count for count in range(1, local_batch + 1) if local_batch % count == 0
+               and (local_batch // count * image_bytes <= KERNEL_GRAD_CHUNK_BYTES or count == local_batch))
+
+
+def _kernel_grad(images, kernel, stride, padding, output_grad):
+    """XLA's kernel gradient, summed over chunks of the batch (`kernel_grad_chunks`; one chunk: XLA's as is).
+
+    Chunk i takes images i, i + chunks, i + 2 * chunks, ...: with the batch split over the devices (data
+    parallel), every chunk holds images of each device, which sums its own without moving images between
+    devices. Discovery step on 2 CPU devices: 5% faster (the decoder's 5x5 16 -> 16 and 3x3 16 -> 64 layers).
+    """
+    batch = images.shape[0]
+    chunks = kernel_grad_chunks(batch, output_grad[0].size * output_grad.dtype.itemsize, jax.device_count())
+    images = images.reshape(batch // chunks, chunks, *images.shape[1:])
+    output_grad = output_grad.reshape(batch // chunks, chunks, *output_grad.shape[1:])
+    grads = [jax.vjp(lambda w: _xla_conv(images[:, index], w, stride, padding), kernel)[1](output_grad[:, index])[0]
+             for index in range(chunks)]
+    return functools.reduce(jnp.add, [grad.astype(jnp.float32) for grad in grads]).astype(kernel.dtype)
 
 
 _cpu_conv.defvjp(_cpu_conv_forward, _cpu_conv_backward)

@@ -1,12 +1,16 @@
 """The convolution formulations equal XLA's / TF's definitions: values and gradients."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slotjax.modules import (_runs_on_blocks, _xla_conv, blocked_conv, conv2d, depth_to_space, same_padding,
-                             transposed_conv_as_conv)
+from slotjax import modules
+from slotjax.modules import (_runs_on_blocks, _xla_conv, blocked_conv, conv2d, depth_to_space, kernel_grad_chunks,
+                             same_padding, transposed_conv_as_conv)
+from tests.test_cpu_devices import run_python
 
 
 def assert_close(got, expected, tolerance):
@@ -114,3 +118,57 @@ def test_blocked_conv_refuses_a_width_it_cannot_keep():
         blocked_conv(jnp.zeros((1, 8, 8, 3)), jnp.zeros((5, 5, 3, 4)), 2, ((2, 2), (1, 1)))
     with pytest.raises(ValueError, match="divisible by 2"):
         blocked_conv(jnp.zeros((1, 8, 7, 3)), jnp.zeros((5, 5, 3, 4)), 2)
+
+
+@pytest.mark.parametrize("batch, image_kib, devices, chunks", [
+    (56, 64, 1, 2),  # 3.5 MiB of output gradient -> two chunks of 1.75 MiB
+    (112, 64, 2, 2),  # the same per device
+    (56, 16, 1, 1), (8, 128, 2, 1),  # fit as they are
+    (7, 1024, 1, 7), (6, 3072, 1, 6),  # no divisor fits: one image per chunk
+    (9, 512, 2, 3),  # a batch the devices do not divide counts as one device's
+])
+def test_kernel_gradient_chunks_fit_the_budget(batch, image_kib, devices, chunks):
+    assert kernel_grad_chunks(batch, image_kib * 1024, devices) == chunks
+
+
+@pytest.mark.parametrize("kernel_shape, stride, batch", [((5, 5, 16, 16), 1, 6), ((3, 3, 32, 8), 1, 4),
+                                                         ((5, 5, 3, 8), 2, 6), ((3, 5, 4, 4), 1, 5)])
+def test_kernel_gradient_in_chunks_equals_xla(monkeypatch, kernel_shape, stride, batch):
+    """With a budget of one image's output gradient, every image is a chunk of its own."""
+    keys = jax.random.split(jax.random.key(batch), 3)
+    images = jax.random.normal(keys[0], (batch, 8, 8, kernel_shape[2]))
+    kernel = jax.random.normal(keys[1], kernel_shape)
+    padding = tuple(same_padding(size, stride) for size in kernel_shape[:2])
+    cotangent = jax.random.normal(keys[2], _xla_conv(images, kernel, stride, padding).shape)
+    monkeypatch.setattr(modules, "KERNEL_GRAD_CHUNK_BYTES", cotangent[0].size * 4)
+    assert kernel_grad_chunks(batch, cotangent[0].size * 4, jax.device_count()) == batch
+    ours = jax.vjp(lambda x, w: conv2d(x, w, stride), images, kernel)
+    xla = jax.vjp(lambda x, w: _xla_conv(x, w, stride, padding), images, kernel)
+    assert_same_vjp(ours, xla, cotangent)
+
+
+SHARDED_KERNEL_GRADIENT = """
+import json, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from slotjax import modules
+image_bytes = 8 * 8 * 16 * 4
+modules.KERNEL_GRAD_CHUNK_BYTES = 2 * image_bytes  # each device's 4 images in 2 chunks
+images = jax.random.normal(jax.random.key(0), (8, 8, 8, 16))
+kernel = jax.random.normal(jax.random.key(1), (5, 5, 16, 16))
+grad = jax.jit(jax.grad(lambda w, x: (modules.conv2d(x, w) ** 2).sum()))
+sharded = jax.device_put(images, NamedSharding(Mesh(np.asarray(jax.devices()), ("data",)), PartitionSpec("data")))
+text = grad.lower(kernel, sharded).compile().as_text()
+expected = np.asarray(grad(kernel, jax.device_put(images, jax.devices()[0])))
+print(json.dumps({"devices": jax.device_count(), "chunks": modules.kernel_grad_chunks(8, image_bytes, 2),
+                  "moves": [op for op in ("all-gather", "all-to-all", "collective-permute") if op in text],
+                  "error": float(np.abs(np.asarray(grad(kernel, sharded)) - expected).max() / np.abs(expected).max())}))
+"""
+
+
+def test_kernel_gradient_in_chunks_keeps_each_devices_images():
+    """On a batch sharded over 2 devices, each device sums its own images: no images move between devices."""
+    result = run_python(SHARDED_KERNEL_GRADIENT, xla_flags="--xla_force_host_platform_device_count=2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert (report["devices"], report["chunks"], report["moves"]) == (2, 2, [])
+    assert report["error"] < 2e-6
