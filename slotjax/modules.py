@@ -236,18 +236,18 @@ class SlotAttention(nnx.Module):
         for _ in range(num_iterations):
             slots_prev = slots
             queries = self.project_q(self.norm_slots(slots)) * self.slot_size**-0.5  # [B, K, D]
-            logits = jnp.einsum("bnd,bkd->bnk", keys, queries)
-            attention = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # slots compete for each input
+            logits = jnp.einsum("bkd,bnd->bkn", queries, keys)  # [B, K, N]
+            attention = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # slots compete for each input
             attention_maps.append(attention)
             weights = attention + self.attention_epsilon
-            weights = weights / jnp.sum(weights, axis=1, keepdims=True)  # weighted mean over inputs
-            updates = jnp.einsum("bnk,bnd->bkd", weights, values)  # [B, K, D]
+            weights = weights / jnp.sum(weights, axis=2, keepdims=True)  # weighted mean over inputs
+            updates = jnp.einsum("bkn,bnd->bkd", weights, values)  # [B, K, D]
             slots = self.gru(updates, slots_prev)
             slots = slots + self.mlp(self.norm_mlp(slots))
 
         if not return_attention:
             return slots
-        attention = jnp.stack(attention_maps, axis=1).swapaxes(-1, -2)  # [B, T, K, N]
+        attention = jnp.stack(attention_maps, axis=1)  # [B, T, K, N]
         return slots, {"attention": attention, "initial_slots": initial_slots}
 
 
