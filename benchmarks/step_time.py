@@ -16,9 +16,10 @@ host). Compilation and warm-up are excluded from the step times; the JAX
 compile time (lower + compile) and the torch.compile time (its two warm-up
 calls, compilation included; inductor caches compiled graphs on disk, so a
 second run of the script compiles faster) are reported on their own. Times
-are medians over --repeats rounds, and a round runs one step of each (JAX,
-eager, compiled) in turn: on a shared machine the speed drifts within minutes,
-and interleaving shows both frameworks the same drift. On GPU the table adds
+are medians of --repeats steps, taken in turns (JAX, eager, compiled; three
+timed steps after an untimed one, `time_side_by_side`): on a shared machine
+the speed drifts within minutes, and alternating shows both frameworks the
+same drift. On GPU the table adds
 JAX images/s and the share of --peak-tflops that the step's FLOPs (XLA's cost
 analysis) reach.
 
@@ -80,6 +81,7 @@ os.environ["PJRT_NPROC"] = str(ARGS.threads)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=true").strip()
 
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -267,21 +269,26 @@ def prepare_torch(step: Callable[[], Any], warmup: int = 2) -> tuple[Callable[[]
     return run_step, time.perf_counter() - start
 
 
-def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median ms of each step over `repeats` rounds; a round runs every step once, the order rotating.
+def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int, turn: int = 3) -> dict[str, float]:
+    """Median ms of each step over `repeats` timed steps, taken in turns: in a round, each step in turn runs
+    once untimed and then `turn` times timed, the order rotating from round to round.
 
-    Interleaved so that both frameworks see the same machine: on a shared VM a step's time drifts by
-    10-30% within minutes, which timing one framework after the other reads as a difference.
+    The turns alternate so that both frameworks see the same machine: on a shared VM a step's time drifts
+    by 10-30% within minutes, which timing one framework after the other reads as a difference. The first
+    step of a turn is not timed: right after the other framework's step, JAX's ran 7-13% slower (PyTorch's
+    up to 4%), which a training loop, running one framework's steps back to back, does not pay.
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
-    for round_index in range(repeats):
+    for round_index in range(math.ceil(repeats / turn)):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
+            steps[name]()  # right after another step
+            for _ in range(turn):
+                start = time.perf_counter()
+                steps[name]()
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values[:repeats]) for name, values in times.items()}
 
 
 def torch_forward_step(workload: Workload, model: Callable) -> Callable[[], Any]:
