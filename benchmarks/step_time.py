@@ -19,7 +19,8 @@ second run of the script compiles faster) are reported on their own. Times
 are medians of --repeats steps, taken in turns (JAX, eager, compiled; three
 timed steps after an untimed one, `time_side_by_side`): on a shared machine
 the speed drifts within minutes, and alternating shows both frameworks the
-same drift. On GPU the table adds
+same drift. "JAX / eager" is the median over rounds of the ratio of the two
+turns' medians. On GPU the table adds
 JAX images/s and the share of --peak-tflops that the step's FLOPs (XLA's cost
 analysis) reach.
 
@@ -269,26 +270,36 @@ def prepare_torch(step: Callable[[], Any], warmup: int = 2) -> tuple[Callable[[]
     return run_step, time.perf_counter() - start
 
 
-def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int, turn: int = 3) -> dict[str, float]:
+def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int, turn: int = 3) -> dict[str, Any]:
     """Median ms of each step over `repeats` timed steps, taken in turns: in a round, each step in turn runs
     once untimed and then `turn` times timed, the order rotating from round to round.
 
     The turns alternate so that both frameworks see the same machine: on a shared VM a step's time drifts
     by 10-30% within minutes, which timing one framework after the other reads as a difference. The first
     step of a turn is not timed: right after the other framework's step, JAX's ran 7-13% slower (PyTorch's
-    up to 4%), which a training loop, running one framework's steps back to back, does not pay.
+    up to 4%), which a training loop, running one framework's steps back to back, does not pay. Also returns
+    "ratios": per step, the median over rounds of its turn's median over the first step's (drift cancels).
     """
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    rounds: dict[str, list[list[float]]] = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(math.ceil(repeats / turn)):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
             steps[name]()  # right after another step
+            times = []
             for _ in range(turn):
                 start = time.perf_counter()
                 steps[name]()
-                times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(values[:repeats]) for name, values in times.items()}
+                times.append(time.perf_counter() - start)
+            rounds[name].append(times)
+    first = rounds[names[0]]
+    return {
+        **{name: 1e3 * statistics.median([t for times in turns for t in times][:repeats])
+           for name, turns in rounds.items()},
+        "ratios": {name: statistics.median(statistics.median(times) / statistics.median(reference)
+                                           for times, reference in zip(turns, first))
+                   for name, turns in rounds.items()},
+    }
 
 
 def torch_forward_step(workload: Workload, model: Callable) -> Callable[[], Any]:
@@ -329,7 +340,9 @@ def timed_row(workload: Workload, jax_step: Callable, make_torch_step: Callable,
             steps["torch_compile_ms"], row["torch_compile_s"] = prepare_torch(make_torch_step(workload, compiled))
         except Exception as error:  # noqa: BLE001 - any failure of torch.compile is reported, not fatal
             row["torch_compile_note"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-    return {**row, **time_side_by_side(steps, args.repeats)}
+    timed = time_side_by_side(steps, args.repeats)
+    row["ratio_jax_over_torch"] = 1.0 / timed.pop("ratios")["torch_ms"]  # eager over JAX, round by round
+    return {**row, **timed}
 
 
 # --------------------------------------------------------------------------------------------- Rows
@@ -352,7 +365,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         workload = workloads[workload_name]
         print(f"running {name} (batch {workload.batch_size}) ...", flush=True)
         row = {"name": name, "batch_size": workload.batch_size, **timed_row(workload, jax_step, make_torch_step, args)}
-        row["ratio_jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
         row["jax_images_per_s"] = workload.batch_size / (row["jax_ms"] / 1e3)
         if args.peak_tflops:
             row["jax_flops_share"] = row["flops"] / (row["jax_ms"] / 1e3) / (args.peak_tflops * 1e12)
