@@ -270,17 +270,17 @@ def prepare_torch(step: Callable[[], Any], warmup: int = 2) -> tuple[Callable[[]
     return run_step, time.perf_counter() - start
 
 
-def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int, turn: int = 3) -> dict[str, Any]:
-    """Median ms of each step over `repeats` timed steps, taken in turns: in a round, each step in turn runs
-    once untimed and then `turn` times timed, the order rotating from round to round.
+def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int,
+                      turn: int = 3) -> dict[str, list[list[float]]]:
+    """Each step's seconds, turn by turn: in a round, each step in turn runs once untimed and then `turn`
+    times timed, the order rotating from round to round, until `repeats` steps of each are timed.
 
     The turns alternate so that both frameworks see the same machine: on a shared VM a step's time drifts
     by 10-30% within minutes, which timing one framework after the other reads as a difference. The first
     step of a turn is not timed: right after the other framework's step, JAX's ran 7-13% slower (PyTorch's
-    up to 4%), which a training loop, running one framework's steps back to back, does not pay. Also returns
-    "ratios": per step, the median over rounds of its turn's median over the first step's (drift cancels).
+    up to 4%), which a training loop, running one framework's steps back to back, does not pay.
     """
-    rounds: dict[str, list[list[float]]] = {name: [] for name in steps}
+    turns: dict[str, list[list[float]]] = {name: [] for name in steps}
     names = list(steps)
     for round_index in range(math.ceil(repeats / turn)):
         shift = round_index % len(names)
@@ -291,15 +291,8 @@ def time_side_by_side(steps: dict[str, Callable[[], None]], repeats: int, turn: 
                 start = time.perf_counter()
                 steps[name]()
                 times.append(time.perf_counter() - start)
-            rounds[name].append(times)
-    first = rounds[names[0]]
-    return {
-        **{name: 1e3 * statistics.median([t for times in turns for t in times][:repeats])
-           for name, turns in rounds.items()},
-        "ratios": {name: statistics.median(statistics.median(times) / statistics.median(reference)
-                                           for times, reference in zip(turns, first))
-                   for name, turns in rounds.items()},
-    }
+            turns[name].append(times)
+    return turns
 
 
 def torch_forward_step(workload: Workload, model: Callable) -> Callable[[], Any]:
@@ -340,9 +333,13 @@ def timed_row(workload: Workload, jax_step: Callable, make_torch_step: Callable,
             steps["torch_compile_ms"], row["torch_compile_s"] = prepare_torch(make_torch_step(workload, compiled))
         except Exception as error:  # noqa: BLE001 - any failure of torch.compile is reported, not fatal
             row["torch_compile_note"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
-    timed = time_side_by_side(steps, args.repeats)
-    row["ratio_jax_over_torch"] = 1.0 / timed.pop("ratios")["torch_ms"]  # eager over JAX, round by round
-    return {**row, **timed}
+    turns = time_side_by_side(steps, args.repeats)
+    for name, times in turns.items():
+        row[name] = 1e3 * statistics.median([seconds for turn in times for seconds in turn][:args.repeats])
+    # round by round, so that drift cancels: the median of the ratios of the two turns' medians
+    row["ratio_jax_over_torch"] = statistics.median(statistics.median(jax_turn) / statistics.median(torch_turn)
+                                                    for jax_turn, torch_turn in zip(turns["jax_ms"], turns["torch_ms"]))
+    return row
 
 
 # --------------------------------------------------------------------------------------------- Rows
