@@ -66,7 +66,8 @@ def dense_together(layers: list[Dense], inputs: jax.Array) -> list[jax.Array]:
     if bias is not None:
         outputs = outputs + bias
     splits = np.cumsum([layer.out_features for layer in layers])[:-1]
-    return [output.reshape(*inputs.shape[:-1], -1) for output in jnp.split(outputs, splits, axis=-1)]
+    return [output.reshape(*inputs.shape[:-1], layer.out_features)
+            for output, layer in zip(jnp.split(outputs, splits, axis=-1), layers)]
 
 
 class LayerNorm(nnx.LayerNorm):
@@ -357,8 +358,8 @@ def kernel_grad_chunks(batch: int, image_bytes: int, devices: int) -> int:
     """How many chunks `_kernel_grad` splits each device's images into: the fewest whose output gradients
     (`image_bytes` per image) fit in KERNEL_GRAD_CHUNK_BYTES, with the batch split over `devices`."""
     local_batch = batch // devices if batch % devices == 0 else batch
-    return min(count for count in range(1, local_batch + 1) if local_batch % count == 0
-               and (local_batch // count * image_bytes <= KERNEL_GRAD_CHUNK_BYTES or count == local_batch))
+    return min((count for count in range(1, local_batch + 1) if local_batch % count == 0
+                and (local_batch // count * image_bytes <= KERNEL_GRAD_CHUNK_BYTES or count == local_batch)), default=1)
 
 
 def _kernel_grad(images, kernel, stride, padding, output_grad):
@@ -369,7 +370,8 @@ def _kernel_grad(images, kernel, stride, padding, output_grad):
     devices. Discovery step on 2 CPU devices: 5% faster (the decoder's 5x5 16 -> 16 and 3x3 16 -> 64 layers).
     """
     batch = images.shape[0]
-    chunks = kernel_grad_chunks(batch, output_grad[0].size * output_grad.dtype.itemsize, jax.device_count())
+    image_bytes = math.prod(output_grad.shape[1:]) * output_grad.dtype.itemsize
+    chunks = kernel_grad_chunks(batch, image_bytes, jax.device_count())
     images = images.reshape(batch // chunks, chunks, *images.shape[1:])
     output_grad = output_grad.reshape(batch // chunks, chunks, *output_grad.shape[1:])
     grads = [jax.vjp(lambda w: _xla_conv(images[:, index], w, stride, padding), kernel)[1](output_grad[:, index])[0]

@@ -126,6 +126,7 @@ def test_blocked_conv_refuses_a_width_it_cannot_keep():
     (56, 16, 1, 1), (8, 128, 2, 1),  # fit as they are
     (7, 1024, 1, 7), (6, 3072, 1, 6),  # no divisor fits: one image per chunk
     (9, 512, 2, 3),  # a batch the devices do not divide counts as one device's
+    (0, 64, 1, 1),  # an empty batch
 ])
 def test_kernel_gradient_chunks_fit_the_budget(batch, image_kib, devices, chunks):
     assert kernel_grad_chunks(batch, image_kib * 1024, devices) == chunks
@@ -172,3 +173,10 @@ def test_kernel_gradient_in_chunks_keeps_each_devices_images():
     report = json.loads(result.stdout.splitlines()[-1])
     assert (report["devices"], report["chunks"], report["moves"]) == (2, 2, [])
     assert report["error"] < 2e-6
+
+
+def test_gradients_of_an_empty_batch():
+    kernel = jnp.ones((5, 5, 16, 16))
+    loss = lambda images, kernel: conv2d(images, kernel).sum()  # noqa: E731
+    images_grad, kernel_grad = jax.grad(loss, argnums=(0, 1))(jnp.zeros((0, 8, 8, 16)), kernel)
+    assert images_grad.shape == (0, 8, 8, 16) and not np.asarray(kernel_grad).any()
