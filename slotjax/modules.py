@@ -34,9 +34,7 @@ class Dense(nnx.Linear):
     """
 
     def __call__(self, inputs: jax.Array) -> jax.Array:  # [..., in_features] -> [..., out_features]
-        leading = inputs.shape[:-1]
-        outputs = super().__call__(inputs.reshape(math.prod(leading), inputs.shape[-1]))
-        return outputs.reshape(*leading, outputs.shape[-1])
+        return dense_together([self], inputs)[0]
 
 
 def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = True,
@@ -46,9 +44,9 @@ def dense(in_features: int, out_features: int, rngs: nnx.Rngs, use_bias: bool = 
 
 
 def dense_together(layers: list[Dense], inputs: jax.Array) -> list[jax.Array]:
-    """Dense layers reading the same inputs, as one product with their kernels side by side.
+    """Dense layers reading the same inputs, as one 2-D product (see `Dense`) with their kernels side by side.
 
-    The same outputs as `[layer(inputs) for layer in layers]`; the inputs are read once, and the
+    The same outputs as each layer applied alone (`nnx.Linear`); the inputs are read once, and the
     kernel gradient (inputs transposed times output gradient) is one product too. Slot Attention's
     keys and values of the probe's 65,536 inputs, forward and backward, one CPU thread: 38 -> 30 ms.
     """
@@ -60,7 +58,7 @@ def dense_together(layers: list[Dense], inputs: jax.Array) -> list[jax.Array]:
     if any(layer.use_bias for layer in layers):
         bias = jnp.concatenate([layer.bias[...] if layer.use_bias else jnp.zeros(layer.out_features, kernel.dtype)
                                 for layer in layers])
-    rows = inputs.reshape(-1, inputs.shape[-1])  # [rows, in_features], as in `Dense`
+    rows = inputs.reshape(-1, inputs.shape[-1])  # [rows, in_features]
     rows, kernel, bias = first.promote_dtype((rows, kernel, bias), dtype=first.dtype)
     outputs = jnp.matmul(rows, kernel, precision=first.precision)
     if bias is not None:
