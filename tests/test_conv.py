@@ -9,7 +9,7 @@ import pytest
 
 from slotjax import modules
 from slotjax.modules import (_runs_on_blocks, _xla_conv, blocked_conv, conv2d, depth_to_space, kernel_grad_chunks,
-                             same_padding, transposed_conv_as_conv)
+                             same_padding, transposed_conv, transposed_conv_as_conv)
 from tests.test_cpu_devices import run_python
 
 
@@ -52,6 +52,21 @@ def test_sub_pixel_conv_equals_transposed_conv(kernel_size, stride):
     got = depth_to_space(conv2d(images, conv_kernel, 1, padding), stride)
     assert got.shape == (2, 6 * stride, 6 * stride, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_size, stride, size, channels", [
+    (5, 2, 4, (8, 3)), (5, 2, 6, (3, 4)), (5, 1, 6, (4, 4)), (3, 1, 6, (4, 1)), (3, 2, 5, (3, 4)), (4, 2, 4, (3, 4)),
+])
+def test_transposed_conv_and_its_gradients_equal_xla(kernel_size, stride, size, channels):
+    """`transposed_conv` (on CPU: gradients through the strided conv it transposes) against XLA's conv_transpose."""
+    keys = jax.random.split(jax.random.key(kernel_size * 10 + stride), 3)
+    images = jax.random.normal(keys[0], (3, size, size, channels[0]))
+    kernel = jax.random.normal(keys[1], (kernel_size, kernel_size, channels[1], channels[0]))  # [k, k, out, in]
+    cotangent = jax.random.normal(keys[2], (3, size * stride, size * stride, channels[1]))
+    ours = jax.vjp(lambda x, w: transposed_conv(x, w, stride), images, kernel)
+    xla = jax.vjp(lambda x, w: jax.lax.conv_transpose(x, w, (stride, stride), "SAME", transpose_kernel=True,
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC")), images, kernel)
+    assert_same_vjp(ours, xla, cotangent)
 
 
 @pytest.mark.parametrize("kernel_shape, block, padding, channels", [
