@@ -150,7 +150,7 @@ def test_kernel_gradient_chunks_fit_the_budget(batch, image_kib, devices, chunks
 @pytest.mark.parametrize("kernel_shape, stride, batch", [((5, 5, 16, 16), 1, 6), ((3, 3, 32, 8), 1, 4),
                                                          ((5, 5, 3, 8), 2, 6), ((3, 5, 4, 4), 1, 5)])
 def test_kernel_gradient_in_chunks_equals_xla(monkeypatch, kernel_shape, stride, batch):
-    """With a budget of one image's output gradient, every image is a chunk of its own."""
+    """With a budget of one image's output gradient (the smaller operand), every image is a chunk of its own."""
     keys = jax.random.split(jax.random.key(batch), 3)
     images = jax.random.normal(keys[0], (batch, 8, 8, kernel_shape[2]))
     kernel = jax.random.normal(keys[1], kernel_shape)
@@ -161,6 +161,15 @@ def test_kernel_gradient_in_chunks_equals_xla(monkeypatch, kernel_shape, stride,
     ours = jax.vjp(lambda x, w: conv2d(x, w, stride), images, kernel)
     xla = jax.vjp(lambda x, w: _xla_conv(x, w, stride, padding), images, kernel)
     assert_same_vjp(ours, xla, cotangent)
+
+
+def test_kernel_gradient_chunks_follow_the_larger_operand(monkeypatch):
+    """A stride-2 conv's images are 4x its output gradient: with room for two images, 8 images are 4 chunks
+    (the output gradients alone would fit in one); the compiled gradient holds one conv per chunk."""
+    images, kernel = jnp.ones((8, 16, 16, 4)), jnp.ones((5, 5, 4, 4))
+    monkeypatch.setattr(modules, "KERNEL_GRAD_CHUNK_BYTES", 2 * 16 * 16 * 4 * 4)
+    grad = jax.jit(jax.grad(lambda w, x: conv2d(x, w, 2).sum()))
+    assert grad.lower(kernel, images).compile().as_text().count("convolution(") == 4
 
 
 SHARDED_KERNEL_GRADIENT = """
