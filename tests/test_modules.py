@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import slotjax
-from slotjax.modules import dense, dense_together
+from slotjax.modules import dense
 
 
 @pytest.fixture
@@ -104,37 +104,19 @@ def test_layer_norm_equals_flax_values_and_gradients(shape):
     np.testing.assert_array_equal(ours(half), nnx.LayerNorm.__call__(ours, half))
 
 
-@pytest.mark.parametrize("biases, dtype", [((False, False), jnp.float32), ((True, False), jnp.float32),
-                                            ((True, True), jnp.bfloat16)])
-def test_dense_layers_together_equal_them_apart(biases, dtype):
-    """`dense_together` (Slot Attention's keys and values as one product): values and gradients."""
-    keys = jax.random.split(jax.random.key(len(biases) + sum(biases)), 3)
-    layers = [dense(8, size, nnx.Rngs(index), use_bias=bias)
-              for index, (size, bias) in enumerate(zip((16, 5), biases))]
-    for layer in layers:
-        layer.dtype = dtype
-        if layer.use_bias:
-            layer.bias[...] = jax.random.normal(keys[0], layer.bias.shape)
-    inputs = jax.random.normal(keys[1], (2, 7, 8))
-    cotangents = [jax.random.normal(key, (2, 7, size)).astype(dtype) for key, size in zip(jax.random.split(keys[2]),
-                                                                                           (16, 5))]
-    graphdef, params = nnx.split(nnx.List(layers))
-
-    def vjp(apply):
-        outputs, pullback = jax.vjp(lambda p, x: apply(list(nnx.merge(graphdef, p)), x), params, inputs)
-        return outputs, pullback(cotangents)
-
-    together = vjp(dense_together)
-    apart = vjp(lambda layers, x: [nnx.Linear.__call__(layer, x) for layer in layers])  # Flax's own, one by one
-    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
-    assert [output.dtype for output in together[0]] == [dtype, dtype]
-    for got, expected in zip(jax.tree.leaves(together), jax.tree.leaves(apart)):
-        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
-                                   rtol=tolerance, atol=tolerance)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dense_transposed_is_the_adjoint(dtype):
+    """<layer(x), y> = <x, layer.transposed(y)>: how Slot Attention reads its keys and values off the inputs."""
+    layer = dense(8, 5, nnx.Rngs(0), use_bias=False)
+    layer.dtype = dtype
+    inputs, outputs = jax.random.normal(jax.random.key(1), (2, 7, 8)), jax.random.normal(jax.random.key(2), (2, 7, 5))
+    assert layer.transposed(outputs).shape == (2, 7, 8) and layer.transposed(outputs).dtype == dtype
+    tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(float(jnp.vdot(layer(inputs).astype(jnp.float32), outputs)),
+                               float(jnp.vdot(inputs, layer.transposed(outputs).astype(jnp.float32))),
+                               rtol=tolerance)
 
 
-def test_dense_layers_together_need_one_dtype():
-    layers = [dense(4, 4, nnx.Rngs(0)), dense(4, 4, nnx.Rngs(1))]
-    layers[1].dtype = jnp.bfloat16
-    with pytest.raises(ValueError, match="one dtype and precision"):
-        dense_together(layers, jnp.ones((2, 4)))
+def test_dense_transposed_refuses_a_layer_with_bias():
+    with pytest.raises(ValueError, match="has a bias"):
+        dense(4, 4, nnx.Rngs(0)).transposed(jnp.ones((2, 4)))
