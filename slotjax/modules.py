@@ -472,7 +472,7 @@ def _cpu_transposed_conv(images, kernel, stride):
     and output gradient `images`. The same gradients as the sub-pixel conv's, in less work: a 5x5 stride-2
     kernel is 25 taps where its sub-pixel form is 3x3 over 4 phases (36, 11 of them zero), and no
     depth-to-space. Discovery train step (CPU preset), interleaved against the sub-pixel conv's gradients:
-    0.91x on one core, 0.95x on two devices.
+    0.94x on one core, 0.98x on two devices.
     """
     return _sub_pixel_conv(images, kernel, stride)
 
