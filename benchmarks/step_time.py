@@ -1,7 +1,8 @@
 """Step time of slotjax against torch_reference: same configuration, same machine, one run.
 
     python benchmarks/step_time.py [--repeats 5] [--threads N] [--only NAME ...]
-        [--official] [--batch-size B] [--peak-tflops T] [--no-huge-pages] [--cpu-devices N] [--json PATH]
+        [--official] [--batch-size B] [--peak-tflops T] [--gpu-float32] [--no-huge-pages] [--cpu-devices N]
+        [--json PATH]
 
 Rows: the Slot Attention module alone (batch 64, 1024 inputs of size 64, 7
 slots of size 64, 3 iterations) and both task models (CPU presets, or the
@@ -21,8 +22,15 @@ timed steps after an untimed one, `time_side_by_side`): on a shared machine
 the speed drifts within minutes, and alternating shows both frameworks the
 same drift. "JAX / eager" is the median over rounds of the ratio of the two
 turns' medians. On GPU the table adds
-JAX images/s and the share of --peak-tflops that the step's FLOPs (XLA's cost
-analysis) reach.
+JAX images/s and the share of --peak-tflops that the step's FLOPs reach
+(`slotjax.flops.count_flops`: the products and convolutions of the traced step;
+XLA's cost analysis of the compiled step misses cuDNN's and cuBLAS's work).
+
+Precision on a GPU: both frameworks get the same arithmetic. By default float32
+matrix products and convolutions may use TF32 tensor cores in both (XLA's
+default; PyTorch allows it for cuDNN convolutions by default and is told to
+allow it for matrix products too); `--gpu-float32` makes both multiply in full
+float32 (`jax_default_matmul_precision="highest"`, PyTorch's TF32 switches off).
 
 Threads: torch.set_num_threads(N) for PyTorch; for XLA, PJRT_NPROC=N sizes
 the CPU client's intra-op (Eigen) thread pool. The flag once spelled
@@ -55,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="batch size of the task models (default: the CPU preset's, or 64 with --official)")
     parser.add_argument("--peak-tflops", type=float,
                         help="the accelerator's peak TFLOP/s, for the FLOP/s share on GPU (e.g. H100 SXM: "
-                             "67 float32, 495 TF32 dense; JAX multiplies float32 in TF32 on GPU by default)")
+                             "67 float32, 495 TF32 dense)")
+    parser.add_argument("--gpu-float32", action="store_true",
+                        help="on a GPU, full float32 products in both frameworks (default: TF32 in both)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--no-huge-pages", dest="huge_pages", action="store_false",
@@ -106,11 +116,16 @@ import torch_reference.losses  # noqa: E402
 import torch_reference.optim  # noqa: E402
 from slotjax import configs, losses, optim, trainer  # noqa: E402
 from slotjax.convert import flax_to_torch  # noqa: E402
+from slotjax.flops import count_flops  # noqa: E402
 from slotjax.models import NUM_PROPERTIES  # noqa: E402
 from slotjax.scenes import MAX_OBJECTS_TARGET  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The same arithmetic in both frameworks on a GPU (no effect on a CPU): TF32 tensor cores, or full float32.
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not ARGS.gpu_float32
+if ARGS.gpu_float32:
+    jax.config.update("jax_default_matmul_precision", "highest")
 # The Slot Attention probe of the issue, and the optimiser of the official configs.
 PROBE = dict(batch_size=64, num_inputs=1024, input_size=64, num_slots=7, slot_size=64, num_iterations=3)
 ADAM = dict(learning_rate=4e-4, warmup_steps=10_000, decay_steps=100_000)
@@ -211,14 +226,13 @@ def prepare_jax(step: Callable, state, batch) -> tuple[Callable[[], None], dict[
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     compile_s = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = count_flops(step, state, batch)
     carried = [jax.block_until_ready(compiled(state, batch))[0]]  # warm-up
 
     def run_step():
         carried[0] = jax.block_until_ready(compiled(carried[0], batch))[0]
 
-    return run_step, {"jax_compile_s": compile_s, "flops": float((cost or {}).get("flops", float("nan")))}
+    return run_step, {"jax_compile_s": compile_s, "flops": flops}
 
 
 def jax_forward(workload: Workload) -> tuple[Callable[[], None], dict[str, float]]:
@@ -349,7 +363,8 @@ STEPS = {"forward": (jax_forward, torch_forward_step), "train_step": (jax_train,
 ROWS = {f"{workload}/{mode}": (workload, steps) for workload in WORKLOADS for mode, steps in STEPS.items()}
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, report: Callable[[list[dict[str, Any]]], None]) -> list[dict[str, Any]]:
+    """The rows named by --only, each passed to `report` (with those before it) as soon as it is timed."""
     names = [name for name in ROWS if not args.only or any(name.startswith(prefix) for prefix in args.only)]
     if not names:
         raise SystemExit(f"--only {' '.join(args.only)} matches none of: {', '.join(ROWS)}")
@@ -366,6 +381,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.peak_tflops:
             row["jax_flops_share"] = row["flops"] / (row["jax_ms"] / 1e3) / (args.peak_tflops * 1e12)
         rows.append(row)
+        compiled = row["torch_compile_ms"]
+        print(f"  JAX {row['jax_ms']:.1f} ms, eager {row['torch_ms']:.1f} ms, torch.compile "
+              f"{'n/a' if compiled is None else f'{compiled:.1f} ms'}, JAX / eager {row['ratio_jax_over_torch']:.2f}",
+              flush=True)
+        report(rows)
     return rows
 
 
@@ -395,18 +415,25 @@ def main() -> None:
     print(f"JAX {jax.__version__} (jaxlib {jaxlib.__version__}, {jax.default_backend()}: {len(devices)} x {devices[0]}), "
           f"Flax {flax.__version__}, torch {torch.__version__} ({TORCH_DEVICE}); CPU {cpu}, "
           f"{args.threads} threads; {'official' if args.official else 'CPU preset'} configurations; "
+          f"{('float32' if args.gpu_float32 else 'TF32') + ' products; ' if gpu else ''}"
           f"median of {args.repeats}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}", flush=True)
-    rows = run(args)
+
+    def write_json(rows):  # after every row, whole or not at all: an interrupted run keeps the rows it timed
+        if args.json:
+            with open(args.json + ".tmp", "w") as file:
+                json.dump({"rows": rows, "threads": args.threads, "repeats": args.repeats, "official": args.official,
+                           "gpu_float32": args.gpu_float32, "backend": jax.default_backend(),
+                           "jax_devices": len(devices), "cpu": cpu,
+                           "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}, file, indent=2)
+            os.replace(args.json + ".tmp", args.json)
+
+    rows = run(args, write_json)
     print()
     print(markdown_table(rows, gpu))
     for row in rows:
         if row.get("torch_compile_note"):
             print(f"\ntorch.compile n/a for {row['name']}: {row['torch_compile_note']}")
     if args.json:
-        with open(args.json, "w") as file:
-            json.dump({"rows": rows, "threads": args.threads, "repeats": args.repeats, "official": args.official,
-                       "backend": jax.default_backend(), "jax_devices": len(devices), "cpu": cpu,
-                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}, file, indent=2)
         print(f"\nwrote {args.json}")
 
 
