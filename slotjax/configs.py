@@ -21,6 +21,7 @@ def _common() -> ml_collections.ConfigDict:
     config.seed = 0
     config.learning_rate = 4e-4
     config.decay_rate = 0.5
+    config.grad_clip_norm = 0.0  # 0: no clipping (the paper); > 0: clip gradients to this global norm
     config.num_iterations = 3
     config.slot_size = 64
     config.encoder_features = 64

@@ -133,7 +133,7 @@ class Trainer:
         model = build_model(config)
         self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
         self.optimizer = make_optimizer(config.learning_rate, config.warmup_steps, config.decay_steps,
-                                        config.decay_rate)
+                                        config.decay_rate, config.get("grad_clip_norm", 0.0))
         self.schedule = learning_rate_schedule(config.learning_rate, config.warmup_steps, config.decay_steps,
                                                config.decay_rate)
         self.initial_params = params
