@@ -28,6 +28,7 @@ def _common() -> ml_collections.ConfigDict:
     config.mlp_hidden_size = 128
     config.log_every = 50
     config.num_eval_examples = 512  # evaluated on the validation split
+    config.first_eval_seconds = 60.0  # also evaluate (metrics and a picture) once after this much training; 0: off
     config.eval_batch_size = 64
     config.max_checkpoints_to_keep = 3
     config.num_devices = 0  # data-parallel over this many local devices; 0 = all
@@ -62,6 +63,7 @@ def discovery(preset: str = "official") -> ml_collections.ConfigDict:
     config.decay_steps = 100_000
     config.num_slots = 7
     config.decoder_features = 64
+    config.broadcast_resolution = 8  # the decoder's spatial broadcast grid, upsampled by stride-2 steps to the image
     config.eval_every = 5_000
     config.checkpoint_every = 5_000
     if preset == "cpu":

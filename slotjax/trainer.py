@@ -34,7 +34,9 @@ from slotjax.optim import learning_rate_schedule, make_optimizer
 MAX_ENTITIES = 11  # ground-truth ids 0..10 (CLEVR with masks has the most: 10 objects + background)
 # Fields that decide the model's parameters: a checkpoint only fits a model built with the same values.
 MODEL_FIELDS = ("task", "resolution", "num_slots", "slot_size", "encoder_features", "decoder_features",
-                "mlp_hidden_size", "head_hidden_size")
+                "broadcast_resolution", "mlp_hidden_size", "head_hidden_size")
+# Values of model fields that configs written before the field existed hold implicitly.
+IMPLIED_FIELDS = {"broadcast_resolution": 8}
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +57,8 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
                      slot_size=config.slot_size, encoder_features=config.encoder_features,
                      mlp_hidden_size=config.mlp_hidden_size)
     if config.task == "discovery":
-        return "SlotAutoencoder", {**arguments, "decoder_features": config.decoder_features}
+        return "SlotAutoencoder", {**arguments, "decoder_features": config.decoder_features,
+                                   "broadcast_resolution": config.get("broadcast_resolution", 8)}
     return "SetPredictor", {**arguments, "head_hidden_size": config.head_hidden_size}
 
 
@@ -271,8 +274,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, confi
     """Restores the latest (or given) checkpoint into the shape and sharding of `target`; refuses another model's."""
     step = manager.latest_step() if step is None else step
     saved_config = config_from_checkpoint(manager, step)
-    differing = {name: (saved_config.get(name), config.get(name)) for name in MODEL_FIELDS
-                 if saved_config.get(name) != config.get(name)}
+    def field(source, name):
+        return source.get(name, IMPLIED_FIELDS.get(name) if source.get("task") == "discovery" else None)
+
+    differing = {name: (field(saved_config, name), field(config, name)) for name in MODEL_FIELDS
+                 if field(saved_config, name) != field(config, name)}
     if differing:
         details = ", ".join(f"{name}: checkpoint {saved!r} vs now {now!r}" for name, (saved, now) in differing.items())
         raise TrainingError(
@@ -321,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     batches = input_pipeline.train_batches(config, start_step, jax.process_index(), jax.process_count())
     last_eval: dict[str, float] = {}
     timer_start, timer_step = None, start_step
+    evaluated = False
     with _StopRequest() as stop:
         for step in range(start_step, config.num_train_steps):
             state, step_metrics = trainer.train_step(state, trainer.shard(next(batches)))
@@ -347,8 +354,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                "steps_per_second": steps_per_second})
             if done % config.checkpoint_every == 0 or done == config.num_train_steps or stop.signal_name:
                 save_checkpoint(manager, state, config)
-            if done % config.eval_every == 0 or done == config.num_train_steps:
+            # the first evaluation also comes after `first_eval_seconds` of training, so a short run leaves a picture
+            # (one process only: the processes of a multi-host run would disagree on the clock)
+            first_due = (not evaluated and jax.process_count() == 1
+                         and time.perf_counter() - timer_start >= config.get("first_eval_seconds", 0) > 0)
+            if done % config.eval_every == 0 or done == config.num_train_steps or first_due:
                 last_eval = evaluate_and_log(trainer, state.params, done, "validation", logger, print_fn)
+                evaluated = True
             if stop.signal_name:
                 print_fn(f"Received {stop.signal_name}: saved the checkpoint at step {done}; "
                          "run the same command to resume.")

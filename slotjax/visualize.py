@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from slotjax import scenes
 
@@ -15,18 +15,34 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def tile(rows: list[list[np.ndarray]], padding: int = 2) -> np.ndarray:
-    """Arranges equally sized [H, W, 3] uint8 tiles in a grid with white gaps."""
+MIN_TILE_SIZE = 96  # small images are enlarged (nearest neighbour) so that a column label fits above them
+LABEL_HEIGHT = 14
+
+
+def tile(rows: list[list[np.ndarray]], labels: list[str] = (), padding: int = 2) -> np.ndarray:
+    """Arranges equally sized [H, W, 3] uint8 tiles in a grid with white gaps, under a row of column labels."""
     height, width = rows[0][0].shape[:2]
+    scale = max(1, -(-MIN_TILE_SIZE // width))
+    height, width = height * scale, width * scale
     num_columns = max(len(row) for row in rows)
+    top_margin = LABEL_HEIGHT if labels else 0
     canvas = np.full(
-        (len(rows) * (height + padding) + padding, num_columns * (width + padding) + padding, 3), 255, np.uint8
+        (top_margin + len(rows) * (height + padding) + padding, num_columns * (width + padding) + padding, 3),
+        255,
+        np.uint8,
     )
     for i, row in enumerate(rows):
         for j, picture in enumerate(row):
-            top, left = padding + i * (height + padding), padding + j * (width + padding)
-            canvas[top : top + height, left : left + width] = picture
-    return canvas
+            top, left = top_margin + padding + i * (height + padding), padding + j * (width + padding)
+            canvas[top : top + height, left : left + width] = np.repeat(np.repeat(picture, scale, 0), scale, 1)
+    if not labels:
+        return canvas
+    image = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    for j, label in enumerate(labels):
+        draw.text((padding + j * (width + padding) + 2, 1), label, fill=(0, 0, 0), font=font)
+    return np.asarray(image)
 
 
 def discovery_grid(images, reconstructions, masks, slot_reconstructions, max_examples: int = 8) -> np.ndarray:
@@ -41,7 +57,8 @@ def discovery_grid(images, reconstructions, masks, slot_reconstructions, max_exa
         # a slot's share of the picture: its reconstruction where its mask is, white elsewhere
         slots = [to_uint8(recon * mask + (1.0 - mask)) for recon, mask in zip(slot_reconstructions[b], masks[b])]
         rows.append([to_uint8(images[b]), to_uint8(reconstructions[b]), *slots])
-    return tile(rows)
+    labels = ["input", "reconstruction", *(f"slot {k + 1}" for k in range(masks.shape[1]))]
+    return tile(rows, labels)
 
 
 def set_prediction_grid(images, predictions, targets, max_examples: int = 8, scale: int = 4) -> np.ndarray:
@@ -53,7 +70,7 @@ def set_prediction_grid(images, predictions, targets, max_examples: int = 8, sca
     for b in range(min(len(images), max_examples)):
         base = Image.fromarray(images[b]).resize((images.shape[2] * scale, images.shape[1] * scale), Image.NEAREST)
         rows.append([_draw_objects(base, np.asarray(targets[b])), _draw_objects(base, np.asarray(predictions[b]))])
-    return tile(rows)
+    return tile(rows, ["true objects", "predicted objects"])
 
 
 def _draw_objects(base: Image.Image, objects: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_reference
-from slotjax import convert, input_pipeline, losses, trainer
+from slotjax import convert, input_pipeline, losses, trainer, visualize
 from tests.conftest import tiny_config
 
 
@@ -33,6 +33,25 @@ def test_training_writes_metrics_events_pictures_and_checkpoints(tmp_path, task)
     assert sorted(os.listdir(tmp_path / "images")) == ["validation_step_0000003.png", "validation_step_0000006.png"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+
+
+def test_the_first_evaluation_comes_after_first_eval_seconds(tmp_path):
+    """A run whose eval_every lies beyond its end still evaluates (and leaves a picture) once its clock says so."""
+    config = tiny_config(num_train_steps=4, eval_every=1000, checkpoint_every=1000, first_eval_seconds=1e-9)
+    trainer.train_and_evaluate(config, str(tmp_path), print_fn=lambda line: None)
+    assert [row["step"] for row in read_metrics(tmp_path, "validation")] == [1, 4]  # then the last step only
+    assert sorted(os.listdir(tmp_path / "images")) == ["validation_step_0000001.png", "validation_step_0000004.png"]
+
+
+def test_evaluation_pictures_label_their_columns():
+    images = np.zeros((2, 16, 16, 3))
+    masks = np.full((2, 3, 16, 16, 1), 1 / 3)
+    grid = visualize.discovery_grid(images, images, masks, np.zeros((2, 3, 16, 16, 3)))
+    tile = grid.shape[1] // 5  # input, reconstruction, 3 slots
+    header = grid[: visualize.LABEL_HEIGHT]
+    for column in range(5):  # dark label text above every column
+        assert (header[:, column * tile : (column + 1) * tile] < 128).any(), column
+    assert tile >= visualize.MIN_TILE_SIZE  # 16-pixel images are enlarged so that the labels fit
 
 
 def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
