@@ -299,6 +299,7 @@ def run_module(*arguments, timeout=300):
                           env=environment)
 
 
+@pytest.mark.slow  # two fresh processes import TensorFlow and JAX and initialise the model: about a minute
 def test_command_writes_a_work_directory_that_train_py_evaluates(checkpoints, tmp_path):
     directory, _ = checkpoints["discovery"]
     workdir = str(tmp_path / "official_discovery")

@@ -94,6 +94,12 @@ def flax_to_torch(module: nnx.Module) -> dict[str, np.ndarray]:
     return state_dict
 
 
+def torch_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """torch_reference parameter name -> shape, for `module` (also an abstract one, from `nnx.eval_shape`)."""
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    return {name: _expected_torch_shape(params[path].shape, order) for name, (path, order) in _plan(module).items()}
+
+
 def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.Module:
     """Loads a `torch_reference` state dict (torch tensors or arrays) into `module`, in place.
 
@@ -316,7 +322,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.input and not is_weights_file(args.input):
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow speaks only when it errs
+            # TensorFlow only reads files here: without its oneDNN kernels it prints no start-up notice either
+            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
             from slotjax import tf_checkpoint
 
             written = tf_checkpoint.convert_tf_checkpoint(args.input, args.output, args.resolution)

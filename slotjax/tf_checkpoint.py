@@ -200,11 +200,11 @@ def infer_config(variables: dict[str, np.ndarray], prefix: str, resolution: int 
     config.mlp_hidden_size = _required(variables, "slot_attention/mlp/layer_with_weights-0/kernel", 2, prefix)[1]
     if task == "discovery":
         num_layers = len({name.split("/")[1] for name in variables if name.startswith("decoder_cnn/")})
-        config.decoder_features = _required(variables, "decoder_cnn/layer_with_weights-0/kernel", 4, prefix)[2]
-        implied = BROADCAST_RESOLUTION * 2 ** (num_layers - 2)
         if num_layers < 3:
             raise ConversionError(f"{prefix!r} has {num_layers} decoder_cnn layers; the official decoder has at least "
                                   "one stride-2 layer and two stride-1 layers.")
+        config.decoder_features = _required(variables, "decoder_cnn/layer_with_weights-0/kernel", 4, prefix)[2]
+        implied = BROADCAST_RESOLUTION * 2 ** (num_layers - 2)
         if resolution is not None and resolution != implied:
             raise ConversionError(f"The decoder in {prefix!r} ({num_layers} layers) produces {implied}x{implied} "
                                   f"images, not the {resolution}x{resolution} asked for.")
@@ -221,10 +221,11 @@ def to_state_dict(variables: dict[str, np.ndarray], config: ml_collections.Confi
 
     Refuses missing, unexpected and misshapen variables, naming each one with its full checkpoint name.
     """
-    from slotjax import trainer
-    from slotjax.convert import flax_to_torch
+    from flax import nnx
 
-    torch_shapes = {name: value.shape for name, value in flax_to_torch(trainer.build_model(config)).items()}
+    from slotjax import convert, trainer
+
+    torch_shapes = convert.torch_shapes(nnx.eval_shape(lambda: trainer.build_model(config)))  # nothing initialised
     num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in torch_shapes)
     table = _name_table(config.task, num_decoder_layers)
     missing = sorted(set(table) - set(variables))
