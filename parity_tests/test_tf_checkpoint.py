@@ -161,7 +161,8 @@ def tf_gru(inputs, state, variables, path):
 
 
 def tf_slot_attention(inputs, noise, variables):
-    v = {name[len("slot_attention/"):]: value for name, value in variables.items() if name.startswith("slot_attention/")}
+    v = {name.removeprefix("slot_attention/"): value for name, value in variables.items()
+         if name.startswith("slot_attention/")}
     inputs = tf_layer_norm(inputs, v, "norm_inputs")
     keys, values = tf_dense(inputs, v, "project_k"), tf_dense(inputs, v, "project_v")
     slots = v["slots_mu"] + tf.exp(v["slots_log_sigma"]) * noise
@@ -200,7 +201,8 @@ def tf_discovery(images, noise, variables):
     for index, stride in enumerate((2, 2, 1, 1)):
         kernel = variables[f"decoder_cnn/layer_with_weights-{index}/kernel"]
         shape = [x.shape[0], x.shape[1] * stride, x.shape[2] * stride, kernel.shape[2]]
-        x = tf.nn.conv2d_transpose(x, kernel, shape, stride, "SAME") + variables[f"decoder_cnn/layer_with_weights-{index}/bias"]
+        x = tf.nn.conv2d_transpose(x, kernel, shape, stride, "SAME")
+        x = x + variables[f"decoder_cnn/layer_with_weights-{index}/bias"]
         x = tf.nn.relu(x) if index < 3 else x
     x = tf.reshape(x, [batch, num_slots, *x.shape[1:]])
     slot_reconstructions, alpha = x[..., :3], x[..., 3:]
@@ -218,8 +220,9 @@ def tf_set_prediction(images, noise, variables):
 
 # --- tests ----------------------------------------------------------------------------------------------------------
 
-TASKS = {"discovery": (DISCOVERY_RESOLUTION, 7, tf_discovery), "set_prediction": (SET_PREDICTION_RESOLUTION, 10,
-                                                                                 tf_set_prediction)}
+# task -> (image size, the paper's number of slots, the official forward pass)
+TASKS = {"discovery": (DISCOVERY_RESOLUTION, 7, tf_discovery),
+         "set_prediction": (SET_PREDICTION_RESOLUTION, 10, tf_set_prediction)}
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", list(TASKS))
-def test_test_checkpoints_have_the_official_layout(checkpoints, task):
+def test_written_checkpoints_have_the_official_layout(checkpoints, task):
     directory, variables = checkpoints[task]
     names = {name for name, _ in tf.train.list_variables(directory)}
     model_names = {f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in variables}
@@ -373,3 +376,20 @@ def test_another_models_run_directory_is_refused(checkpoints, tmp_path):
         tf_checkpoint.convert_tf_checkpoint(discovery, workdir)
     with pytest.raises(ConversionError, match=rf"already holds a checkpoint at step {STEP}"):
         tf_checkpoint.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
+
+
+def test_a_work_directory_exports_back_to_the_same_tensorflow_checkpoint(checkpoints, tmp_path):
+    """TF checkpoint -> slotjax work directory -> official layout again: every variable bit for bit, and the step."""
+    directory, variables = checkpoints["discovery"]
+    workdir = str(tmp_path / "run")
+    tf_checkpoint.convert_tf_checkpoint(directory, workdir)
+    convert.main(["--workdir", workdir, "--output", str(tmp_path / "tf"), "--tf"])
+    reader = tf.train.load_checkpoint(str(tmp_path / "tf"))
+    names = set(reader.get_variable_to_shape_map())
+    model_names = {f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in variables}
+    assert names == model_names | {"_CHECKPOINTABLE_OBJECT_GRAPH", "global_step/.ATTRIBUTES/VARIABLE_VALUE",
+                                   "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+    assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == STEP
+    for name, value in variables.items():
+        stored = reader.get_tensor(f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE")
+        np.testing.assert_array_equal(stored, value, err_msg=name)

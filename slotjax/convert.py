@@ -13,6 +13,7 @@ Command line (training checkpoint <-> torch_reference weights; the paper's Tenso
     python -m slotjax.convert --workdir=RUN_DIR --output=model.safetensors
     python -m slotjax.convert --input=model.safetensors --output=NEW_RUN_DIR
     python -m slotjax.convert --input=TF_CHECKPOINT_DIR_OR_PREFIX --output=NEW_RUN_DIR   (slotjax/tf_checkpoint.py)
+    python -m slotjax.convert --workdir=RUN_DIR --output=TF_CHECKPOINT_DIR --tf           (the official layout)
 """
 
 from __future__ import annotations
@@ -276,8 +277,8 @@ def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
     return workdir
 
 
-def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:
-    """Training checkpoint in `workdir` -> torch-layout weights file with the model's description."""
+def restore_model(workdir: str, step: int | None = None):
+    """(model, config, step) of the training checkpoint in `workdir` (the latest, or `step`)."""
     from slotjax import trainer
 
     manager = trainer.checkpoint_manager(workdir)
@@ -289,7 +290,12 @@ def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) ->
     state = trainer.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
     nnx.update(model, state.params)
     manager.close()
-    return save_model_weights(model, config, step, output)
+    return model, config, step
+
+
+def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:
+    """Training checkpoint in `workdir` -> torch-layout weights file with the model's description."""
+    return save_model_weights(*restore_model(workdir, step), output)
 
 
 def weights_to_checkpoint(weights: str, workdir: str) -> str:
@@ -315,16 +321,26 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", help="training work directory (its checkpoints/)")
     parser.add_argument("--input", help="a weights file (.safetensors or .pt), or an official TensorFlow checkpoint "
                                         "(its directory or a ckpt-N prefix), to turn into a checkpoint or weights")
-    parser.add_argument("--output", required=True, help="weights file to write, or work directory for --input")
+    parser.add_argument("--output", required=True, help="weights file (.safetensors, .pt) or work directory to "
+                                                         "write; with --tf, the TensorFlow checkpoint directory")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--resolution", type=int, help="image size of a TensorFlow set-prediction checkpoint "
-                                                       "(default 128, the paper's; discovery's follows from its decoder)")
+    parser.add_argument("--tf", action="store_true", help="with --workdir: write the official TensorFlow checkpoint "
+                                                            "layout into the --output directory")
+    parser.add_argument("--resolution", type=int, help="image size of a TensorFlow set-prediction checkpoint (default "
+                                                       "128, the paper's; discovery's follows from its decoder)")
     args = parser.parse_args(argv)
+    if args.tf or (args.input and not is_weights_file(args.input)):
+        # TensorFlow only reads and writes files here: without its oneDNN kernels it prints no start-up notice either
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        if args.input and not is_weights_file(args.input):
-            # TensorFlow only reads files here: without its oneDNN kernels it prints no start-up notice either
-            os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if args.tf:
+            if not args.workdir:
+                parser.error("--tf writes a work directory's checkpoint: give --workdir")
+            from slotjax import tf_checkpoint
+
+            print(f"Wrote {tf_checkpoint.export_tf_checkpoint(args.workdir, args.output, args.step)}")
+        elif args.input and not is_weights_file(args.input):
             from slotjax import tf_checkpoint
 
             written = tf_checkpoint.convert_tf_checkpoint(args.input, args.output, args.resolution)

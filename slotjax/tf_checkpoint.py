@@ -89,9 +89,10 @@ def _name_table(task: str, num_decoder_layers: int) -> dict[str, tuple[str, str]
 
 
 def _gru_blocks(array: np.ndarray) -> np.ndarray:
-    """Keras' gate blocks [update, reset, candidate] along the last axis -> torch's [reset, update, new]."""
-    update, reset, candidate = np.split(array, 3, axis=-1)
-    return np.concatenate([reset, update, candidate], axis=-1)
+    """Swaps the first two gate blocks along the last axis: Keras' [update, reset, candidate] <-> torch's
+    [reset, update, new] (its own inverse)."""
+    first, second, third = np.split(array, 3, axis=-1)
+    return np.concatenate([second, first, third], axis=-1)
 
 
 def _to_torch(rule: str, torch_name: str, value: np.ndarray) -> dict[str, np.ndarray]:
@@ -104,6 +105,20 @@ def _to_torch(rule: str, torch_name: str, value: np.ndarray) -> dict[str, np.nda
     if rule == GRU_BIAS:  # row 0: input bias, row 1: recurrent bias
         return {torch_name: _gru_blocks(value[0]), torch_name.replace("bias_ih", "bias_hh"): _gru_blocks(value[1])}
     return {torch_name: value}
+
+
+def _to_tf(rule: str, torch_name: str, state_dict: dict[str, np.ndarray]) -> np.ndarray:
+    """The inverse of `_to_torch`: a TF variable's value from the torch_reference state dict."""
+    value = state_dict[torch_name]
+    if rule == DENSE:
+        return value.T
+    if rule == CONV:
+        return value.transpose(2, 3, 1, 0)
+    if rule == GRU_KERNEL:
+        return _gru_blocks(value.T)
+    if rule == GRU_BIAS:
+        return np.stack([_gru_blocks(value), _gru_blocks(state_dict[torch_name.replace("bias_ih", "bias_hh")])])
+    return value
 
 
 def _tf_shape(rule: str, torch_name: str, torch_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
@@ -276,3 +291,37 @@ def convert_tf_checkpoint(path: str | os.PathLike, output: str, resolution: int 
     else:
         convert.write_checkpoint(model, checkpoint.config, checkpoint.step, output)
     return output
+
+
+def write_tf_checkpoint(model, step: int, directory: str | os.PathLike) -> str:
+    """Writes a slotjax model's weights in the official layout, as the official scripts' CheckpointManager does
+    (`network/layer_with_weights-0/...` and `global_step`, no optimizer state); returns the checkpoint prefix."""
+    import tensorflow as tf
+
+    from slotjax import convert
+
+    state_dict = convert.flax_to_torch(model)
+    num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in state_dict)
+    task = "discovery" if num_decoder_layers else "set_prediction"
+    layer = tf.Module()
+    for name, (torch_name, rule) in _name_table(task, num_decoder_layers).items():
+        node = layer
+        *parents, leaf = name.split("/")
+        for part in parents:
+            if not hasattr(node, part):
+                setattr(node, part, tf.Module())
+            node = getattr(node, part)
+        setattr(node, leaf, tf.Variable(_to_tf(rule, torch_name, state_dict)))
+    network = tf.Module()
+    setattr(network, MODEL_PREFIX.split("/")[1], layer)
+    checkpoint = tf.train.Checkpoint(network=network, global_step=tf.Variable(step, dtype=tf.int64))
+    return tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
+
+
+def export_tf_checkpoint(workdir: str, directory: str | os.PathLike, step: int | None = None) -> str:
+    """A slotjax work directory's checkpoint (the latest, or `step`) -> the official TensorFlow layout in
+    `directory`, which the official code restores and this module reads back; returns the checkpoint prefix."""
+    from slotjax import convert
+
+    model, _, step = convert.restore_model(workdir, step)
+    return write_tf_checkpoint(model, step, directory)
