@@ -9,9 +9,11 @@ names. Round trips are bit-identical in both directions (only transposes).
 State dicts here are plain `{name: numpy array}` mappings, so torch is needed
 only to load or save `.pt` files; safetensors files are the default format.
 
-Command line (training checkpoint <-> torch_reference weights):
+Command line (training checkpoint <-> torch_reference weights; the paper's TensorFlow checkpoints -> either):
     python -m slotjax.convert --workdir=RUN_DIR --output=model.safetensors
     python -m slotjax.convert --input=model.safetensors --output=NEW_RUN_DIR
+    python -m slotjax.convert --input=TF_CHECKPOINT_DIR_OR_PREFIX --output=NEW_RUN_DIR   (slotjax/tf_checkpoint.py)
+    python -m slotjax.convert --workdir=RUN_DIR --output=TF_CHECKPOINT_DIR --tf           (the official layout)
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def flax_to_torch(module: nnx.Module) -> dict[str, np.ndarray]:
         value = np.asarray(params[path][...])
         state_dict[torch_name] = np.array(value if order is None else value.transpose(order), order="C")
     return state_dict
+
+
+def torch_shapes(module: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """torch_reference parameter name -> shape, for `module` (also an abstract one, from `nnx.eval_shape`)."""
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    return {name: _expected_torch_shape(params[path].shape, order) for name, (path, order) in _plan(module).items()}
 
 
 def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.Module:
@@ -225,8 +233,52 @@ def _unpickling_reason(error: Exception) -> str:
     return (details or lines or [type(error).__name__])[0]
 
 
-def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:
-    """Training checkpoint in `workdir` -> torch-layout weights file with the model's description."""
+def is_weights_file(path: str) -> bool:
+    """Whether `path` names a torch-layout weights file (else a work directory)."""
+    return path.endswith((".safetensors", ".pt", ".pth"))
+
+
+def save_model_weights(model: nnx.Module, config, step: int, output: str) -> str:
+    """Writes the model's torch-layout weights with what `torch_reference.load_model` and
+    `weights_to_checkpoint` need: the model's name and arguments, the config and the step."""
+    from slotjax import trainer
+
+    name, arguments = trainer.model_spec(config)
+    save_weights(model, output, {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(),
+                                 "step": str(step)})
+    return output
+
+
+def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
+    """Writes the model's parameters as a training checkpoint at `step` in `workdir` (a fresh optimiser state).
+
+    Refuses a work directory that already holds checkpoints of another model, or one at this step.
+    """
+    from slotjax import trainer
+
+    manager = trainer.checkpoint_manager(workdir, config)
+    try:
+        latest = manager.latest_step()
+        if latest is not None:
+            saved = trainer.config_from_checkpoint(manager, latest)
+            differing = [f"{field}: {saved.get(field)!r} there, {config.get(field)!r} here"
+                         for field in trainer.MODEL_FIELDS if saved.get(field) != config.get(field)]
+            if differing:
+                raise ConversionError(f"{workdir!r} holds checkpoints of another model ({', '.join(differing)}); "
+                                      "choose a new --output directory.")
+            if step in manager.all_steps():
+                raise ConversionError(f"{workdir!r} already holds a checkpoint at step {step}; "
+                                      "choose a new --output directory.")
+        state = trainer.Trainer(config).initial_state()
+        state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(step, jnp.int32))
+        trainer.save_checkpoint(manager, state, config)
+    finally:
+        manager.close()
+    return workdir
+
+
+def restore_model(workdir: str, step: int | None = None):
+    """(model, config, step) of the training checkpoint in `workdir` (the latest, or `step`)."""
     from slotjax import trainer
 
     manager = trainer.checkpoint_manager(workdir)
@@ -237,11 +289,13 @@ def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) ->
     model = trainer.build_model(config)
     state = trainer.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
     nnx.update(model, state.params)
-    name, arguments = trainer.model_spec(config)
-    save_weights(model, output, {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(),
-                                 "step": str(step)})
     manager.close()
-    return output
+    return model, config, step
+
+
+def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:
+    """Training checkpoint in `workdir` -> torch-layout weights file with the model's description."""
+    return save_model_weights(*restore_model(workdir, step), output)
 
 
 def weights_to_checkpoint(weights: str, workdir: str) -> str:
@@ -257,12 +311,7 @@ def weights_to_checkpoint(weights: str, workdir: str) -> str:
                               "or torch_reference.save_model, so the model it belongs to is unknown.")
     config = ml_collections.ConfigDict(json.loads(metadata["config"]))
     model = torch_to_flax(load_weights(weights), trainer.build_model(config))
-    state = trainer.Trainer(config).initial_state()
-    state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(int(metadata.get("step", 0)), jnp.int32))
-    manager = trainer.checkpoint_manager(workdir, config)
-    trainer.save_checkpoint(manager, state, config)
-    manager.close()
-    return workdir
+    return write_checkpoint(model, config, int(metadata.get("step", 0)), workdir)
 
 
 def main(argv=None) -> None:
@@ -270,17 +319,38 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="training work directory (its checkpoints/)")
-    parser.add_argument("--input", help="a weights file (.safetensors or .pt) to turn into a checkpoint")
-    parser.add_argument("--output", required=True, help="weights file to write, or work directory for --input")
+    parser.add_argument("--input", help="a weights file (.safetensors or .pt), or an official TensorFlow checkpoint "
+                                        "(its directory or a ckpt-N prefix), to turn into a checkpoint or weights")
+    parser.add_argument("--output", required=True, help="weights file (.safetensors, .pt) or work directory to "
+                                                         "write; with --tf, the TensorFlow checkpoint directory")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--tf", action="store_true", help="with --workdir: write the official TensorFlow checkpoint "
+                                                            "layout into the --output directory")
+    parser.add_argument("--resolution", type=int, help="image size of a TensorFlow set-prediction checkpoint (default "
+                                                       "128, the paper's; discovery's follows from its decoder)")
     args = parser.parse_args(argv)
+    if args.tf or (args.input and not is_weights_file(args.input)):
+        # TensorFlow only reads and writes files here: without its oneDNN kernels it prints no start-up notice either
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        if args.input:
+        if args.tf:
+            if not args.workdir:
+                parser.error("--tf writes a work directory's checkpoint: give --workdir")
+            from slotjax import tf_checkpoint
+
+            print(f"Wrote {tf_checkpoint.export_tf_checkpoint(args.workdir, args.output, args.step)}")
+        elif args.input and not is_weights_file(args.input):
+            from slotjax import tf_checkpoint
+
+            written = tf_checkpoint.convert_tf_checkpoint(args.input, args.output, args.resolution)
+            print(f"Wrote {'the weights' if is_weights_file(written) else 'a checkpoint'} to {written}")
+        elif args.input:
             print(f"Wrote a checkpoint to {weights_to_checkpoint(args.input, args.output)}")
         elif args.workdir:
             print(f"Wrote {checkpoint_to_weights(args.workdir, args.output, args.step)}")
         else:
-            parser.error("give --workdir (checkpoint -> weights) or --input (weights -> checkpoint)")
+            parser.error("give --workdir (checkpoint -> weights) or --input (weights or TF checkpoint -> checkpoint)")
     except (ConversionError, FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -12,7 +12,8 @@ from one-hot contingency tables.  Conventions (scikit-learn's
   which skips those images (or `jnp.nanmean` on concatenated scores).
 
 Average precision (set prediction) follows the official CLEVR evaluation
-(SPEC section 3) and runs on the host in NumPy.
+(SPEC section 3), down to its ranking of tied confidences
+(`official_ranking`), and runs on the host in NumPy.
 """
 
 from __future__ import annotations
@@ -159,16 +160,27 @@ def _decode_attributes(objects: np.ndarray) -> np.ndarray:
     return np.stack([objects[..., s].argmax(axis=-1) for s in _ATTRIBUTE_SLICES], -1)
 
 
-def _nearest_matching_targets(
-    predictions: np.ndarray, targets: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ranks all predictions and finds each one's nearest same-attribute target.
+def official_ranking(scores: np.ndarray) -> np.ndarray:
+    """Indices of the flattened (image-major) scores, highest first, with ties ranked as the official evaluation
+    ranks them: `np.argsort(scores)[::-1]`, NumPy's default (quick/introsort) order reversed.
 
-    Returns, for the predictions sorted by descending present score (ties keep
-    the image-major, slot order), three arrays of length B*K: image index;
-    index of the nearest real target of that image with equal attributes (-1
-    if none; first index wins distance ties); its distance in scene units
-    (inf if none).
+    Tied confidences are common (saturated sigmoids), and which of two tied
+    predictions claims a target first changes the AP, so a stable descending
+    sort would give other numbers than the paper's code. The scores are sorted
+    in the dtype given (the official code sorts the model's float32 outputs).
+    """
+    return np.argsort(np.asarray(scores).reshape(-1))[::-1]
+
+
+def _nearest_matching_targets(
+    predictions: np.ndarray, targets: np.ndarray, order: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranks all predictions in `order` and finds each one's nearest same-attribute target.
+
+    Returns, for the predictions in `order` (`official_ranking` of the present
+    scores), three arrays of length B*K: image index; index of the nearest
+    real target of that image with equal attributes (-1 if none; first index
+    wins distance ties); its distance in scene units (inf if none).
     """
     batch_size, num_slots, _ = predictions.shape
     # Pairwise [B, K, M] attribute agreement and distance.
@@ -185,7 +197,6 @@ def _nearest_matching_targets(
     nearest_distance = np.take_along_axis(distances, nearest[..., None], -1)[..., 0]
     nearest = np.where(np.isfinite(nearest_distance), nearest, -1)
 
-    order = np.argsort(-predictions[:, :, _PRESENT].reshape(-1), kind="stable")
     image_index = np.repeat(np.arange(batch_size), num_slots)
     return (
         image_index[order],
@@ -233,7 +244,8 @@ def average_precision(
 
     Args:
       predictions: [B, K, 19] predicted objects (SPEC section 3 encoding);
-        index 18 is the confidence used for ranking.
+        index 18 is the confidence used for ranking (`official_ranking`: ties
+        ranked as the official evaluation ranks them).
       targets: [B, M, 19] target objects; rows with target[..., 18] == 0 are
         padding.
       distance_threshold: maximum distance in scene units (exclusive), or None
@@ -259,12 +271,13 @@ def average_precision_at_thresholds(
 
     Arrays as in `average_precision`; the matching is computed once.
     """
-    predictions = np.asarray(predictions, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64)
+    predictions, targets = np.asarray(predictions), np.asarray(targets, dtype=np.float64)
     size = _PRESENT + 1
     for name, array in (("predictions", predictions), ("targets", targets)):
         if array.ndim != 3 or array.shape[-1] != size:
             raise ValueError(f"{name} have shape {array.shape}; expected [batch, objects, {size}].")
+    order = official_ranking(predictions[..., _PRESENT])  # before the cast: ties are ranked in the given dtype
+    predictions = predictions.astype(np.float64)
     if predictions.shape[0] != targets.shape[0]:
         raise ValueError(f"predictions have {predictions.shape[0]} images but targets {targets.shape[0]}.")
     for threshold in distance_thresholds:
@@ -274,7 +287,7 @@ def average_precision_at_thresholds(
     num_targets = int(np.sum(targets[..., _PRESENT] > 0.5))
     if num_targets == 0:
         return {ap_metric_name(threshold): float("nan") for threshold in distance_thresholds}
-    ranked_matches = _nearest_matching_targets(predictions, targets)
+    ranked_matches = _nearest_matching_targets(predictions, targets, order)
     results = {}
     for threshold in distance_thresholds:
         is_true_positive = _true_positives(*ranked_matches, threshold)

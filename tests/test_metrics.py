@@ -175,18 +175,18 @@ def test_average_precision_spec_worked_example():
         assert metrics.average_precision(predictions, targets, threshold) == results[name]
 
 
-def _brute_force_average_precision(predictions, targets, distance_threshold):
-    """Loop version of SPEC's AP: greedy claiming, then VOC all-point area."""
+def _brute_force_average_precision(predictions, targets, distance_threshold, stable_ranking=False):
+    """Loop version of the official AP: pooled predictions ranked by np.argsort(scores)[::-1] (or, to show that the
+    ranking matters, by a stable descending sort), greedy claiming, then VOC all-point area."""
     num_images, num_slots, _ = predictions.shape
     attribute_bounds = [(3, 5), (5, 7), (7, 10), (10, 18)]
 
     def attributes(obj):
         return [int(np.argmax(obj[lo:hi])) for lo, hi in attribute_bounds]
 
-    ranked = sorted(
-        ((image, slot) for image in range(num_images) for slot in range(num_slots)),
-        key=lambda image_slot: -predictions[image_slot][18],  # stable: ties keep flat order
-    )
+    scores = predictions[:, :, 18].reshape(-1)
+    order = np.argsort(-scores, kind="stable") if stable_ranking else np.argsort(scores)[::-1]
+    ranked = [divmod(int(index), num_slots) for index in order]  # (image, slot)
     claimed = set()
     outcomes = []
     for image, slot in ranked:
@@ -256,6 +256,25 @@ def test_average_precision_matches_brute_force(seed):
     for threshold in metrics.AP_THRESHOLDS:
         expected = _brute_force_average_precision(predictions, targets, threshold)
         assert results[metrics.ap_metric_name(threshold)] == pytest.approx(expected, abs=1e-12)
+
+
+def test_average_precision_ranks_tied_scores_as_the_official_evaluation():
+    """Equal confidences (saturated sigmoids): the official np.argsort(scores)[::-1] does not rank them in slot order
+    (a sort leaves equal keys where they are, and the reversal puts the last first), and which tied prediction
+    claims a target first changes the AP."""
+    target = ((0.0, 0.0, 0.35), 0, 1, 2, 3)
+    other = ((-2.0, 1.0, 0.7), 1, 0, 1, 5)
+    targets = np.stack([[_encode_object(*target), np.zeros(19)], [_encode_object(*other), np.zeros(19)]])
+    predictions = np.stack([
+        [_encode_object((0.1, 0.0, 0.35), 0, 1, 2, 3), _encode_object((0.4, 0.0, 0.35), 0, 1, 2, 3)],  # near, far
+        [_encode_object((-2.0, 1.2, 0.7), 1, 0, 1, 5), _encode_object((-2.0, 1.0, 0.7), 0, 0, 1, 5)],  # hit, wrong size
+    ]).astype(np.float32)  # all confidences 1; float32 as the model's outputs, which the official code sorts
+    results = metrics.average_precision_at_thresholds(predictions, targets)
+    for threshold in metrics.AP_THRESHOLDS:
+        expected = _brute_force_average_precision(predictions, targets, threshold)
+        assert results[metrics.ap_metric_name(threshold)] == pytest.approx(expected, abs=1e-12), threshold
+    stable = _brute_force_average_precision(predictions, targets, 0.25, stable_ranking=True)
+    assert results["ap_0.25"] != pytest.approx(stable)  # the example tells the two rankings apart
 
 
 def test_average_precision_without_targets_is_nan():

@@ -1,0 +1,327 @@
+"""The paper's own TensorFlow 2 checkpoints, read into slotjax and torch_reference exactly.
+
+The official training scripts save `tf.train.Checkpoint(network=model, optimizer=..., global_step=...)`, where
+`model` is a functional Keras model around one custom layer (the autoencoder or the classifier). Each model
+variable is stored at `network/layer_with_weights-0/<attribute path>/.ATTRIBUTES/VARIABLE_VALUE`. The table
+built by `_name_table` maps those attribute paths to `torch_reference` parameter names (the torch modules mirror
+the Keras ones), so the weights then go into slotjax through `slotjax.convert.torch_to_flax`.
+
+Command line (a checkpoint directory, whose latest checkpoint is read, or a `ckpt-N` prefix):
+    python -m slotjax.convert --input=DIR_OR_CKPT_PREFIX --output=runs/official_discovery
+    python -m slotjax.convert --input=DIR_OR_CKPT_PREFIX --output=model.safetensors
+
+TensorFlow is imported only when a checkpoint is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ml_collections
+import numpy as np
+
+from slotjax import configs
+from slotjax.convert import ConversionError
+
+MODEL_PREFIX = "network/layer_with_weights-0/"
+VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+SLOT_MARKER = "/.OPTIMIZER_SLOT/"  # Keras OptimizerV2 slots (Adam's m, v) sit under each model variable's path
+STEP_NAME = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
+IGNORED_PREFIXES = ("optimizer/", "global_step/", "save_counter/", "_CHECKPOINTABLE_OBJECT_GRAPH")  # not the model
+BROADCAST_RESOLUTION = 8  # the official decoder starts from 8x8
+OFFICIAL_SET_PREDICTION_RESOLUTION = 128  # the classifier's 32x32 position grid after two stride-2 convs
+
+# How a TF array becomes torch_reference's: Dense [in, out] -> [out, in]; Conv2D kernels [k, k, in, out] and
+# Conv2DTranspose kernels [k, k, out, in] -> [out, in, k, k] and [in, out, k, k]; GRU see `_gru_blocks`.
+DENSE, CONV, SAME, GRU_KERNEL, GRU_BIAS = "dense", "conv", "same", "gru_kernel", "gru_bias"
+
+
+@dataclass
+class TFCheckpoint:
+    """What an official checkpoint holds: the model's config, its torch_reference state dict, the training step."""
+
+    path: str  # the checkpoint prefix read
+    config: ml_collections.ConfigDict
+    state_dict: dict[str, np.ndarray]
+    step: int
+
+
+def _name_table(task: str, num_decoder_layers: int) -> dict[str, tuple[str, str]]:
+    """TF attribute path (without prefix and suffix) -> (torch_reference name, layout rule)."""
+    table: dict[str, tuple[str, str]] = {}
+
+    def layer(tf_path, torch_path, rule, bias=True):
+        table[f"{tf_path}/kernel"] = (f"{torch_path}.weight", rule)
+        if bias:
+            table[f"{tf_path}/bias"] = (f"{torch_path}.bias", SAME)
+
+    def norm(tf_path, torch_path):
+        table[f"{tf_path}/gamma"] = (f"{torch_path}.weight", SAME)
+        table[f"{tf_path}/beta"] = (f"{torch_path}.bias", SAME)
+
+    def mlp(tf_path, torch_path):
+        layer(f"{tf_path}/layer_with_weights-0", f"{torch_path}.hidden", DENSE)
+        layer(f"{tf_path}/layer_with_weights-1", f"{torch_path}.output", DENSE)
+
+    for index in range(4):
+        layer(f"encoder_cnn/layer_with_weights-{index}", f"encoder.encoder_cnn.convs.{index}", CONV)
+    layer("encoder_pos/dense", "encoder.encoder_pos.dense", DENSE)
+    norm("layer_norm", "encoder.layer_norm")
+    mlp("mlp", "encoder.mlp")
+    for name in ("slots_mu", "slots_log_sigma"):
+        table[f"slot_attention/{name}"] = (f"encoder.slot_attention.{name}", SAME)
+    for name in ("q", "k", "v"):
+        layer(f"slot_attention/project_{name}", f"encoder.slot_attention.project_{name}", DENSE, bias=False)
+    for name in ("inputs", "slots", "mlp"):
+        norm(f"slot_attention/norm_{name}", f"encoder.slot_attention.norm_{name}")
+    table["slot_attention/gru/kernel"] = ("encoder.slot_attention.gru.weight_ih", GRU_KERNEL)
+    table["slot_attention/gru/recurrent_kernel"] = ("encoder.slot_attention.gru.weight_hh", GRU_KERNEL)
+    table["slot_attention/gru/bias"] = ("encoder.slot_attention.gru.bias_ih", GRU_BIAS)  # and bias_hh
+    mlp("slot_attention/mlp", "encoder.slot_attention.mlp")
+    if task == "discovery":
+        layer("decoder_pos/dense", "decoder_pos.dense", DENSE)
+        for index in range(num_decoder_layers):
+            layer(f"decoder_cnn/layer_with_weights-{index}", f"decoder_cnn.convs.{index}", CONV)
+    else:
+        mlp("mlp_classifier", "mlp_classifier")
+    return table
+
+
+def _gru_blocks(array: np.ndarray) -> np.ndarray:
+    """Swaps the first two gate blocks along the last axis: Keras' [update, reset, candidate] <-> torch's
+    [reset, update, new] (its own inverse)."""
+    first, second, third = np.split(array, 3, axis=-1)
+    return np.concatenate([second, first, third], axis=-1)
+
+
+def _to_torch(rule: str, torch_name: str, value: np.ndarray) -> dict[str, np.ndarray]:
+    if rule == DENSE:
+        return {torch_name: value.T}
+    if rule == CONV:
+        return {torch_name: value.transpose(3, 2, 0, 1)}
+    if rule == GRU_KERNEL:
+        return {torch_name: _gru_blocks(value).T}
+    if rule == GRU_BIAS:  # row 0: input bias, row 1: recurrent bias
+        return {torch_name: _gru_blocks(value[0]), torch_name.replace("bias_ih", "bias_hh"): _gru_blocks(value[1])}
+    return {torch_name: value}
+
+
+def _to_tf(rule: str, torch_name: str, state_dict: dict[str, np.ndarray]) -> np.ndarray:
+    """The inverse of `_to_torch`: a TF variable's value from the torch_reference state dict."""
+    value = state_dict[torch_name]
+    if rule == DENSE:
+        return value.T
+    if rule == CONV:
+        return value.transpose(2, 3, 1, 0)
+    if rule == GRU_KERNEL:
+        return _gru_blocks(value.T)
+    if rule == GRU_BIAS:
+        return np.stack([_gru_blocks(value), _gru_blocks(state_dict[torch_name.replace("bias_ih", "bias_hh")])])
+    return value
+
+
+def _tf_shape(rule: str, torch_name: str, torch_shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+    """The TF shape a variable must have for the model: the inverse of `_to_torch` on shapes."""
+    shape = torch_shapes[torch_name]
+    if rule in (DENSE, GRU_KERNEL):
+        return shape[::-1]
+    if rule == CONV:
+        return (shape[2], shape[3], shape[1], shape[0])
+    if rule == GRU_BIAS:
+        return (2, *shape)
+    return shape
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """The checkpoint prefix to read: the latest one of a directory, or `path` itself (`ckpt-N`, with or
+    without its `.index` / `.data-*` suffix)."""
+    import tensorflow as tf
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        prefix = tf.train.latest_checkpoint(path)
+        if prefix is None:
+            raise ConversionError(f"{path!r} holds no TensorFlow checkpoint: no 'checkpoint' file naming one "
+                                  "(a checkpoint directory holds 'checkpoint', ckpt-N.index and ckpt-N.data-* files).")
+        return prefix
+    for suffix in (".index", ".data-00000-of-00001"):
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+    if not os.path.exists(f"{path}.index"):
+        raise ConversionError(f"{path!r} is not a TensorFlow checkpoint: no {os.path.basename(path)}.index next to it "
+                              "(give the checkpoint directory or a ckpt-N prefix).")
+    return path
+
+
+def read_variables(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], int]:
+    """(prefix, {attribute path: array} of the model's variables, global step) of a checkpoint.
+
+    Optimizer state is skipped; anything else outside the model is refused by name.
+    """
+    import tensorflow as tf
+
+    prefix = resolve_checkpoint(path)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        names = sorted(reader.get_variable_to_shape_map())
+        step = int(reader.get_tensor(STEP_NAME)) if STEP_NAME in names else 0
+        arrays = {name: np.asarray(reader.get_tensor(name)) for name in names
+                  if not name.startswith(IGNORED_PREFIXES) and SLOT_MARKER not in name}
+    except tf.errors.OpError as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"Could not read the TensorFlow checkpoint {prefix!r}: {message}") from error
+    variables = {}
+    for name, value in arrays.items():
+        if not (name.startswith(MODEL_PREFIX) and name.endswith(VALUE_SUFFIX)):
+            raise ConversionError(f"Unexpected variable {name!r} in {prefix!r}: not a variable of the official "
+                                  f"models (they sit at {MODEL_PREFIX}...{VALUE_SUFFIX}).")
+        variables[name[len(MODEL_PREFIX): -len(VALUE_SUFFIX)]] = value
+    return prefix, variables, step
+
+
+def detect_task(variables: dict[str, np.ndarray], prefix: str) -> str:
+    """'discovery' (a decoder is present) or 'set_prediction' (a classifier head is)."""
+    has_decoder = any(name.startswith("decoder_cnn/") for name in variables)
+    has_classifier = any(name.startswith("mlp_classifier/") for name in variables)
+    if has_decoder == has_classifier:
+        found = "both a decoder_cnn and an mlp_classifier" if has_decoder else "neither decoder_cnn nor mlp_classifier"
+        raise ConversionError(f"{prefix!r} holds {found}: it is not one of the official Slot Attention models "
+                              "(object discovery has a decoder, set prediction a classifier).")
+    return "discovery" if has_decoder else "set_prediction"
+
+
+def _required(variables: dict[str, np.ndarray], name: str, rank: int, prefix: str) -> tuple[int, ...]:
+    full_name = MODEL_PREFIX + name + VALUE_SUFFIX
+    if name not in variables:
+        raise ConversionError(f"Missing variable {full_name!r} in {prefix!r}.")
+    shape = variables[name].shape
+    if len(shape) != rank:
+        raise ConversionError(f"Variable {full_name!r} in {prefix!r} has shape {shape}; expected rank {rank}.")
+    return shape
+
+
+def infer_config(variables: dict[str, np.ndarray], prefix: str, resolution: int | None = None
+                 ) -> ml_collections.ConfigDict:
+    """The official config of the checkpoint's task, with the widths read from the variables' shapes.
+
+    Discovery's resolution follows from the number of decoder layers (8x8 upsampled by each stride-2 layer);
+    set prediction's is not stored in the weights: 128 as in the paper unless `resolution` says otherwise.
+    """
+    task = detect_task(variables, prefix)
+    config = configs.get_config(task, "official", "clevr")  # the official scripts train on TFDS CLEVR
+    config.encoder_features = _required(variables, "encoder_cnn/layer_with_weights-0/kernel", 4, prefix)[3]
+    config.slot_size = _required(variables, "slot_attention/slots_mu", 3, prefix)[2]
+    config.mlp_hidden_size = _required(variables, "slot_attention/mlp/layer_with_weights-0/kernel", 2, prefix)[1]
+    if task == "discovery":
+        num_layers = len({name.split("/")[1] for name in variables if name.startswith("decoder_cnn/")})
+        if num_layers < 3:
+            raise ConversionError(f"{prefix!r} has {num_layers} decoder_cnn layers; the official decoder has at least "
+                                  "one stride-2 layer and two stride-1 layers.")
+        config.decoder_features = _required(variables, "decoder_cnn/layer_with_weights-0/kernel", 4, prefix)[2]
+        implied = BROADCAST_RESOLUTION * 2 ** (num_layers - 2)
+        if resolution is not None and resolution != implied:
+            raise ConversionError(f"The decoder in {prefix!r} ({num_layers} layers) produces {implied}x{implied} "
+                                  f"images, not the {resolution}x{resolution} asked for.")
+        config.resolution = implied
+    else:
+        config.head_hidden_size = _required(variables, "mlp_classifier/layer_with_weights-0/kernel", 2, prefix)[1]
+        config.resolution = OFFICIAL_SET_PREDICTION_RESOLUTION if resolution is None else resolution
+    return config
+
+
+def to_state_dict(variables: dict[str, np.ndarray], config: ml_collections.ConfigDict, prefix: str
+                  ) -> dict[str, np.ndarray]:
+    """The torch_reference state dict of the model `config` describes, from the checkpoint's variables.
+
+    Refuses missing, unexpected and misshapen variables, naming each one with its full checkpoint name.
+    """
+    from flax import nnx
+
+    from slotjax import convert, trainer
+
+    torch_shapes = convert.torch_shapes(nnx.eval_shape(lambda: trainer.build_model(config)))  # nothing initialised
+    num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in torch_shapes)
+    table = _name_table(config.task, num_decoder_layers)
+    missing = sorted(set(table) - set(variables))
+    unexpected = sorted(set(variables) - set(table))
+    if missing or unexpected:
+        full = [f"{MODEL_PREFIX}{name}{VALUE_SUFFIX}" for name in missing + unexpected]
+        what = [f"missing variable {name!r}" for name in full[: len(missing)]]
+        what += [f"unexpected variable {name!r}" for name in full[len(missing):]]
+        raise ConversionError(f"{prefix!r} does not hold the official {config.task} model: {'; '.join(what)}.")
+    state_dict = {}
+    for name, (torch_name, rule) in table.items():
+        value = variables[name]
+        expected = _tf_shape(rule, torch_name, torch_shapes)
+        if value.shape != expected:
+            raise ConversionError(f"Variable {MODEL_PREFIX}{name}{VALUE_SUFFIX} in {prefix!r} has shape "
+                                  f"{value.shape}; the {config.task} model its other variables describe expects "
+                                  f"{expected}.")
+        state_dict.update({key: np.ascontiguousarray(array, dtype=np.float32)
+                           for key, array in _to_torch(rule, torch_name, value).items()})
+    return state_dict
+
+
+def read_tf_checkpoint(path: str | os.PathLike, resolution: int | None = None) -> TFCheckpoint:
+    """An official checkpoint (directory or `ckpt-N` prefix) as config, torch_reference state dict and step."""
+    prefix, variables, step = read_variables(path)
+    config = infer_config(variables, prefix, resolution)
+    return TFCheckpoint(prefix, config, to_state_dict(variables, config, prefix), step)
+
+
+def load_tf_model(path: str | os.PathLike, resolution: int | None = None):
+    """(slotjax model with the checkpoint's weights, its config): for notebooks."""
+    from slotjax import trainer
+    from slotjax.convert import torch_to_flax
+
+    checkpoint = read_tf_checkpoint(path, resolution)
+    return torch_to_flax(checkpoint.state_dict, trainer.build_model(checkpoint.config)), checkpoint.config
+
+
+def convert_tf_checkpoint(path: str | os.PathLike, output: str, resolution: int | None = None) -> str:
+    """Official checkpoint -> `output`: torch_reference weights (.safetensors / .pt), or else a slotjax work
+    directory that `train.py --workdir=output` evaluates (`--mode=eval`) or fine-tunes."""
+    from slotjax import convert, trainer
+
+    checkpoint = read_tf_checkpoint(path, resolution)
+    model = convert.torch_to_flax(checkpoint.state_dict, trainer.build_model(checkpoint.config))
+    if convert.is_weights_file(output):
+        convert.save_model_weights(model, checkpoint.config, checkpoint.step, output)
+    else:
+        convert.write_checkpoint(model, checkpoint.config, checkpoint.step, output)
+    return output
+
+
+def write_tf_checkpoint(model, step: int, directory: str | os.PathLike) -> str:
+    """Writes a slotjax model's weights in the official layout, as the official scripts' CheckpointManager does
+    (`network/layer_with_weights-0/...` and `global_step`, no optimizer state); returns the checkpoint prefix."""
+    import tensorflow as tf
+
+    from slotjax import convert
+
+    state_dict = convert.flax_to_torch(model)
+    num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in state_dict)
+    task = "discovery" if num_decoder_layers else "set_prediction"
+    layer = tf.Module()
+    for name, (torch_name, rule) in _name_table(task, num_decoder_layers).items():
+        node = layer
+        *parents, leaf = name.split("/")
+        for part in parents:
+            if not hasattr(node, part):
+                setattr(node, part, tf.Module())
+            node = getattr(node, part)
+        setattr(node, leaf, tf.Variable(_to_tf(rule, torch_name, state_dict)))
+    network = tf.Module()
+    setattr(network, MODEL_PREFIX.split("/")[1], layer)
+    checkpoint = tf.train.Checkpoint(network=network, global_step=tf.Variable(step, dtype=tf.int64))
+    return tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
+
+
+def export_tf_checkpoint(workdir: str, directory: str | os.PathLike, step: int | None = None) -> str:
+    """A slotjax work directory's checkpoint (the latest, or `step`) -> the official TensorFlow layout in
+    `directory`, which the official code restores and this module reads back; returns the checkpoint prefix."""
+    from slotjax import convert
+
+    model, _, step = convert.restore_model(workdir, step)
+    return write_tf_checkpoint(model, step, directory)
