@@ -30,8 +30,6 @@ from torch_reference.optim import make_optimizer as make_torch_optimizer
 MODELS = {
     "autoencoder_16": ("SlotAutoencoder", dict(resolution=16, num_slots=3, slot_size=16, encoder_features=8, decoder_features=8, mlp_hidden_size=16), 2),
     "autoencoder_32": ("SlotAutoencoder", dict(resolution=32, num_slots=4, slot_size=8, encoder_features=12, decoder_features=6, mlp_hidden_size=16, num_iterations=2), 1),
-    # slots broadcast at the image's own resolution: the decoder has no stride-2 step
-    "autoencoder_16_full": ("SlotAutoencoder", dict(resolution=16, broadcast_resolution=16, num_slots=3, slot_size=8, encoder_features=8, decoder_features=8, mlp_hidden_size=8), 2),
     "set_predictor_16": ("SetPredictor", dict(resolution=16, num_slots=5, slot_size=16, encoder_features=8, mlp_hidden_size=16, head_hidden_size=8), 3),
     "set_predictor_24": ("SetPredictor", dict(resolution=24, num_slots=3, slot_size=8, encoder_features=8, mlp_hidden_size=8, head_hidden_size=8), 2),
 }

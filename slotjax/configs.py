@@ -61,7 +61,6 @@ def discovery(preset: str = "official") -> ml_collections.ConfigDict:
     config.decay_steps = 100_000
     config.num_slots = 7
     config.decoder_features = 64
-    config.broadcast_resolution = 8  # the decoder's spatial broadcast grid, upsampled by stride-2 steps to the image
     config.eval_every = 5_000
     config.checkpoint_every = 5_000
     if preset == "cpu":

@@ -50,14 +50,13 @@ class EncoderCNN(nnx.Module):
 
 
 class DecoderCNN(nnx.Module):
-    """Spatial broadcast decoder's CNN: stride-2 5x5 transposed convs up to the image size (none when the
-    slots are broadcast at full resolution), then a 5x5 and a 3x3 stride-1 transposed conv; 4 output
-    channels (RGB + alpha logit)."""
+    """Spatial broadcast decoder's CNN: stride-2 5x5 transposed convs up to the image size,
+    then a 5x5 and a 3x3 stride-1 transposed conv; 4 output channels (RGB + alpha logit)."""
 
     def __init__(self, in_features: int, features: int, num_upsamples: int, *, rngs: nnx.Rngs):
-        strides = [2] * num_upsamples + [1]
-        shapes = [(features if i else in_features, features, 5, stride) for i, stride in enumerate(strides)]
-        self.convs = nnx.List([ConvTranspose(*shape, rngs=rngs) for shape in [*shapes, (features, 4, 3, 1)]])
+        shapes = [(in_features, features, 5, 2)] + [(features, features, 5, 2)] * (num_upsamples - 1)
+        shapes += [(features, features, 5, 1), (features, 4, 3, 1)]
+        self.convs = nnx.List([ConvTranspose(*shape, rngs=rngs) for shape in shapes])
 
     def __call__(self, features: jax.Array) -> jax.Array:
         for conv in self.convs[:-1]:
@@ -112,9 +111,9 @@ class SlotAutoencoder(nnx.Module):
                  encoder_features: int = 64, decoder_features: int = 64, mlp_hidden_size: int = 128,
                  broadcast_resolution: int = 8, remat_decoder: bool = False, *, rngs: nnx.Rngs):
         num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
-        if not num_upsamples.is_integer():
+        if num_upsamples < 1 or not num_upsamples.is_integer():
             raise ValueError(
-                f"resolution {resolution} is not {broadcast_resolution} times a power of two: the decoder "
+                f"resolution {resolution} is not {broadcast_resolution} times a power of two (>= 2): the decoder "
                 f"upsamples {broadcast_resolution}x{broadcast_resolution} by stride-2 steps. Use e.g. 32, 64 or 128."
             )
         self.resolution = resolution

@@ -34,9 +34,7 @@ from slotjax.optim import learning_rate_schedule, make_optimizer
 MAX_ENTITIES = 11  # ground-truth ids 0..10 (CLEVR with masks has the most: 10 objects + background)
 # Fields that decide the model's parameters: a checkpoint only fits a model built with the same values.
 MODEL_FIELDS = ("task", "resolution", "num_slots", "slot_size", "encoder_features", "decoder_features",
-                "broadcast_resolution", "mlp_hidden_size", "head_hidden_size")
-# Values of model fields that configs written before the field existed hold implicitly.
-IMPLIED_FIELDS = {"broadcast_resolution": 8}
+                "mlp_hidden_size", "head_hidden_size")
 
 
 class TrainingError(RuntimeError):
@@ -57,8 +55,7 @@ def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
                      slot_size=config.slot_size, encoder_features=config.encoder_features,
                      mlp_hidden_size=config.mlp_hidden_size)
     if config.task == "discovery":
-        return "SlotAutoencoder", {**arguments, "decoder_features": config.decoder_features,
-                                   "broadcast_resolution": config.get("broadcast_resolution", 8)}
+        return "SlotAutoencoder", {**arguments, "decoder_features": config.decoder_features}
     return "SetPredictor", {**arguments, "head_hidden_size": config.head_hidden_size}
 
 
@@ -274,11 +271,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, confi
     """Restores the latest (or given) checkpoint into the shape and sharding of `target`; refuses another model's."""
     step = manager.latest_step() if step is None else step
     saved_config = config_from_checkpoint(manager, step)
-    def field(source, name):
-        return source.get(name, IMPLIED_FIELDS.get(name) if source.get("task") == "discovery" else None)
-
-    differing = {name: (field(saved_config, name), field(config, name)) for name in MODEL_FIELDS
-                 if field(saved_config, name) != field(config, name)}
+    differing = {name: (saved_config.get(name), config.get(name)) for name in MODEL_FIELDS
+                 if saved_config.get(name) != config.get(name)}
     if differing:
         details = ", ".join(f"{name}: checkpoint {saved!r} vs now {now!r}" for name, (saved, now) in differing.items())
         raise TrainingError(

@@ -45,9 +45,9 @@ class EncoderCNN(nn.Module):
 class DecoderCNN(nn.Module):
     def __init__(self, in_features: int, features: int, num_upsamples: int):
         super().__init__()
-        strides = [2] * num_upsamples + [1]
-        shapes = [(features if i else in_features, features, 5, stride) for i, stride in enumerate(strides)]
-        self.convs = nn.ModuleList([ConvTranspose(*shape) for shape in [*shapes, (features, 4, 3, 1)]])
+        shapes = [(in_features, features, 5, 2)] + [(features, features, 5, 2)] * (num_upsamples - 1)
+        shapes += [(features, features, 5, 1), (features, 4, 3, 1)]
+        self.convs = nn.ModuleList([ConvTranspose(*shape) for shape in shapes])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         for conv in self.convs[:-1]:
