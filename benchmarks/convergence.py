@@ -31,8 +31,13 @@ def main() -> None:
     parser.add_argument("train_args", nargs="*", help="passed on to train.py")
     args = parser.parse_args()
     workdir = args.workdir or tempfile.mkdtemp(prefix=f"convergence_{args.task}_")
-    command = [sys.executable, os.path.join(REPO, "train.py"), f"--task={args.task}", f"--workdir={workdir}",
-               *args.train_args]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        f"--task={args.task}",
+        f"--workdir={workdir}",
+        *args.train_args,
+    ]
     print("command:", " ".join(command))
     start = time.time()
     process = subprocess.Popen(command, cwd=REPO)

@@ -71,6 +71,8 @@ def assert_grads_close(jax_grads: dict, torch_grads: dict, tolerance: float = GR
     for name in torch_grads:
         if name in zero:
             difference = np.linalg.norm(as_numpy(jax_grads[name]) - as_numpy(torch_grads[name]))
-            assert difference < tolerance * total_norm, f"gradient of {name} (zero in exact arithmetic): {difference:.3g}"
+            assert difference < tolerance * total_norm, (
+                f"gradient of {name} (zero in exact arithmetic): {difference:.3g}"
+            )
         else:
             assert_close(jax_grads[name], torch_grads[name], tolerance, f"gradient of {name}")

@@ -20,27 +20,27 @@ import json
 import os
 from collections.abc import Mapping
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from slotjax import modules
+from slotjax.nn import layers
 
 # (Flax module type, Flax leaf) -> (torch leaf, axis order turning the Flax array into torch's).
 LEAF_TABLE: dict[tuple[type, str], tuple[str, tuple[int, ...] | None]] = {
-    (modules.Dense, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
-    (modules.Dense, "bias"): ("bias", None),
-    (modules.LayerNorm, "scale"): ("weight", None),
-    (modules.LayerNorm, "bias"): ("bias", None),
-    (modules.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]
-    (modules.Conv, "bias"): ("bias", None),
-    (modules.ConvTranspose, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, out, in] -> [in, out, k, k]
-    (modules.ConvTranspose, "bias"): ("bias", None),
+    (layers.Dense, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
+    (layers.Dense, "bias"): ("bias", None),
+    (layers.LayerNorm, "scale"): ("weight", None),
+    (layers.LayerNorm, "bias"): ("bias", None),
+    (layers.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]
+    (layers.Conv, "bias"): ("bias", None),
+    (layers.ConvTranspose, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, out, in] -> [in, out, k, k]
+    (layers.ConvTranspose, "bias"): ("bias", None),
 }
 
 # Parent module type -> {Flax "child.leaf": torch leaf}: torch.nn.GRUCell's names.
 PARENT_RENAMES: dict[type, dict[str, str]] = {
-    modules.GRUCell: {
+    layers.GRUCell: {
         "input_dense.kernel": "weight_ih",
         "input_dense.bias": "bias_ih",
         "hidden_dense.kernel": "weight_hh",
@@ -121,15 +121,18 @@ def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.M
         if value.shape != expected:
             raise ConversionError(
                 f"Parameter {torch_name!r} (Flax {_dotted(path)}) has shape {value.shape} in the weights "
-                f"but the model expects {expected}. Build the model with the configuration the weights were trained with."
+                f"but the model expects {expected}. "
+                "Build the model with the configuration the weights were trained with."
             )
         if value.dtype.kind not in "biuf" and not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 is kind "V"
             raise ConversionError(f"Parameter {torch_name!r} has dtype {value.dtype}; expected real numbers.")
         with np.errstate(over="ignore"):
             value = np.asarray(value, dtype=params[path].dtype)
         if not np.isfinite(value).all():
-            raise ConversionError(f"Parameter {torch_name!r} holds NaN or inf (in the model's {value.dtype}); "
-                                  "the weights are broken (a diverged run?).")
+            raise ConversionError(
+                f"Parameter {torch_name!r} holds NaN or inf (in the model's {value.dtype}); "
+                "the weights are broken (a diverged run?)."
+            )
         converted[path] = value if order is None else value.transpose(np.argsort(order))
     for path, value in converted.items():
         params[path][...] = value
@@ -203,8 +206,10 @@ def _read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded, metadata = loaded["state_dict"], loaded.get("metadata", {})
         if not isinstance(loaded, dict) or not isinstance(metadata, dict):
-            raise ConversionError(f"{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}} "
-                                  "(or {'state_dict': ..., 'metadata': ...}).")
+            raise ConversionError(
+                f"{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}} "
+                "(or {'state_dict': ..., 'metadata': ...})."
+            )
         for name, value in loaded.items():
             if not isinstance(value, torch.Tensor):
                 raise ConversionError(f"{path!r} holds a {type(value).__name__} at {name!r}, not a tensor.")
@@ -227,19 +232,23 @@ def _unpickling_reason(error: Exception) -> str:
 
 def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:
     """Training checkpoint in `workdir` -> torch-layout weights file with the model's description."""
-    from slotjax import trainer
+    from slotjax.train import checkpoints, trainer
+    from slotjax.train import step as steps
 
-    manager = trainer.checkpoint_manager(workdir)
+    manager = checkpoints.checkpoint_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ConversionError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}.")
-    config = trainer.config_from_checkpoint(manager, step)
-    model = trainer.build_model(config)
-    state = trainer.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
+    config = checkpoints.config_from_checkpoint(manager, step)
+    model = steps.build_model(config)
+    state = checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
     nnx.update(model, state.params)
-    name, arguments = trainer.model_spec(config)
-    save_weights(model, output, {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(),
-                                 "step": str(step)})
+    name, arguments = steps.model_spec(config)
+    save_weights(
+        model,
+        output,
+        {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(), "step": str(step)},
+    )
     manager.close()
     return output
 
@@ -249,18 +258,21 @@ def weights_to_checkpoint(weights: str, workdir: str) -> str:
     checkpoint in `workdir`, from which `train.py --workdir` evaluates or continues training."""
     import ml_collections
 
-    from slotjax import trainer
+    from slotjax.train import checkpoints, trainer
+    from slotjax.train import step as steps
 
     metadata = load_metadata(weights)
     if "config" not in metadata:
-        raise ConversionError(f"{weights!r} holds no slotjax config in its metadata; it was not written by slotjax "
-                              "or torch_reference.save_model, so the model it belongs to is unknown.")
+        raise ConversionError(
+            f"{weights!r} holds no slotjax config in its metadata; it was not written by slotjax "
+            "or torch_reference.save_model, so the model it belongs to is unknown."
+        )
     config = ml_collections.ConfigDict(json.loads(metadata["config"]))
-    model = torch_to_flax(load_weights(weights), trainer.build_model(config))
+    model = torch_to_flax(load_weights(weights), steps.build_model(config))
     state = trainer.Trainer(config).initial_state()
     state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(int(metadata.get("step", 0)), jnp.int32))
-    manager = trainer.checkpoint_manager(workdir, config)
-    trainer.save_checkpoint(manager, state, config)
+    manager = checkpoints.checkpoint_manager(workdir, config)
+    checkpoints.save_checkpoint(manager, state, config)
     manager.close()
     return workdir
 

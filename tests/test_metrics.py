@@ -1,4 +1,4 @@
-"""Tests for slotjax.metrics: ARI / FG-ARI against scikit-learn, AP against SPEC."""
+"""Tests for slotjax.train.metrics: ARI / FG-ARI against scikit-learn, AP as docs/average_precision.md defines it."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from slotjax import metrics
+from slotjax.train import metrics
 
 # ---------------------------------------------------------------------------
 # ARI / FG-ARI.
@@ -38,9 +38,7 @@ def _noisy_labelling(rng, true_ids, num_pred_ids, noise):
     "seed, num_pixels, num_true_ids, num_pred_ids",
     [(0, 10, 2, 3), (1, 64, 5, 7), (2, 300, 11, 7), (3, 1024, 4, 11)],
 )
-def test_ari_matches_sklearn_on_random_labellings(
-    seed, num_pixels, num_true_ids, num_pred_ids, ignore_background
-):
+def test_ari_matches_sklearn_on_random_labellings(seed, num_pixels, num_true_ids, num_pred_ids, ignore_background):
     rng = np.random.default_rng(seed)
     batch_size = 6
     true_ids = rng.integers(0, num_true_ids, (batch_size, num_pixels))
@@ -80,9 +78,7 @@ def test_fg_ari_edge_cases():
             [3, 3, 3, 0, 0, 0],  # one object, split over slots
         ]
     )
-    pred_ids = jnp.array(
-        [[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], [6, 6, 2, 2, 6, 0], [0, 0, 1, 0, 0, 0]]
-    )
+    pred_ids = jnp.array([[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], [6, 6, 2, 2, 6, 0], [0, 0, 1, 0, 0, 0]])
     scores = np.asarray(metrics.fg_ari(true_ids, pred_ids, 4, 7))
     assert np.isnan(scores[0])
     np.testing.assert_allclose(scores[1:], [1.0, 1.0, 0.0], atol=1e-6)
@@ -198,9 +194,7 @@ def _brute_force_average_precision(predictions, targets, distance_threshold):
             distance = 6.0 * np.sqrt(np.sum((target[:3] - prediction[:3]) ** 2))
             if best_distance is None or distance < best_distance:
                 best_target, best_distance = index, distance
-        within = best_target is not None and (
-            distance_threshold is None or best_distance < distance_threshold
-        )
+        within = best_target is not None and (distance_threshold is None or best_distance < distance_threshold)
         is_hit = within and (image, best_target) not in claimed
         if is_hit:
             claimed.add((image, best_target))
