@@ -7,7 +7,8 @@ Runs `python train.py --task=TASK` (the default config, embedded data) in a
 fresh work directory for at most --minutes, then prints one row per
 evaluation: minutes since the start of the command (start-up and compilation
 included), step, and the task's metrics from metrics.jsonl. Extra arguments
-after `--` go to train.py (e.g. `-- --config.eval_every=250`).
+after `--` go to train.py (e.g. `-- --config.eval_every=250`). Like `make run`, the command runs with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless the environment sets GLIBC_TUNABLES (see the README).
 """
 
 import argparse
@@ -40,7 +41,8 @@ def main() -> None:
     ]
     print("command:", " ".join(command))
     start = time.time()
-    process = subprocess.Popen(command, cwd=REPO)
+    env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **os.environ}
+    process = subprocess.Popen(command, cwd=REPO, env=env)
     try:
         process.wait(timeout=args.minutes * 60)
     except subprocess.TimeoutExpired:

@@ -141,7 +141,7 @@ TORCH_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not ARGS.gpu_float32
 if ARGS.gpu_float32:
     jax.config.update("jax_default_matmul_precision", "highest")
-# The Slot Attention probe of the issue, and the optimiser of the official configs.
+# The Slot Attention module alone at the paper's sizes (1,024 inputs: a 32x32 map), and the official optimiser.
 PROBE = dict(batch_size=64, num_inputs=1024, input_size=64, num_slots=7, slot_size=64, num_iterations=3)
 ADAM = dict(learning_rate=4e-4, warmup_steps=10_000, decay_steps=100_000)
 

@@ -1,4 +1,4 @@
-"""Shared helpers of the parity tests: relative errors as SPEC section 5 defines them."""
+"""Shared helpers of the parity tests: relative errors and the tolerances of docs/parity.md."""
 
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ from flax import nnx
 
 from slotjax.convert import flax_to_torch
 
-# SPEC section 5: float32 on CPU.
+# docs/parity.md: float32 on CPU.
 FORWARD_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
 

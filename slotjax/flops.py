@@ -9,7 +9,8 @@ the work that dominates these models, with XLA's convention for convolutions (on
 input pixels: not on padding, nor on the zeros a transposed convolution inserts). Elementwise operations,
 reductions and softmax are not counted, nor is work whose result nothing uses (XLA removes it). Loops: a `scan`
 counts its body once per step; a `while` loop whose body multiplies is refused (its trip count is unknown when
-tracing).
+tracing). A `cond` counts its costliest branch, which includes the platform-dependent forms of `slotjax.kernels`:
+trace under `kernels.use_forms("reference")` (or "cpu") to count the form one platform runs.
 """
 
 from __future__ import annotations

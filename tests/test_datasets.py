@@ -22,14 +22,14 @@ from slotjax.data import datasets
 # ---------------------------------------------------------------------------- CLEVR (TFDS mock)
 
 CLEVR_SPLIT_SIZES = {"train": 520, "validation": 16, "test": 4}
-# SPEC section 3 one-hot orders, stated independently of the module.
-SPEC_ORDERS = {
+# The one-hot orders of docs/target_encoding.md, stated independently of the module.
+ENCODING_ORDERS = {
     "size": ("small", "large"),
     "material": ("rubber", "metal"),
     "shape": ("cube", "sphere", "cylinder"),
     "color": ("gray", "blue", "brown", "yellow", "red", "green", "purple", "cyan"),
 }
-SPEC_COLUMNS = {"size": 3, "material": 5, "shape": 7, "color": 10}
+ENCODING_COLUMNS = {"size": 3, "material": 5, "shape": 7, "color": 10}
 
 
 def clevr_image(index: int) -> np.ndarray:
@@ -53,10 +53,10 @@ def clevr_objects(split: str, index: int) -> list[dict]:
     return [
         {
             "3d_coords": [-3.0 + 6.0 * index / 1000 if k == 0 else 0.5 * k - 2.5, 0.25 * k - 1.0, 0.7],
-            "size": SPEC_ORDERS["size"][(index + k) % 2],
-            "material": SPEC_ORDERS["material"][(index // 2 + k) % 2],
-            "shape": SPEC_ORDERS["shape"][(index + k) % 3],
-            "color": SPEC_ORDERS["color"][(index + 3 * k) % 8],
+            "size": ENCODING_ORDERS["size"][(index + k) % 2],
+            "material": ENCODING_ORDERS["material"][(index // 2 + k) % 2],
+            "shape": ENCODING_ORDERS["shape"][(index + k) % 3],
+            "color": ENCODING_ORDERS["color"][(index + 3 * k) % 8],
         }
         for k in range(clevr_num_objects(split, index))
     ]
@@ -90,7 +90,7 @@ def fake_clevr_as_dataset(self, split, decoders=None, read_config=None, shuffle_
                     "rotation": np.zeros(len(objects), np.float32),
                     **{
                         name: np.array([objects_feature[name].str2int(o[name]) for o in objects], np.int64)
-                        for name in SPEC_ORDERS
+                        for name in ENCODING_ORDERS
                     },
                 },
                 "question_answer": {"question": np.array([], object), "answer": np.array([], object)},
@@ -113,7 +113,7 @@ def store_clevr(data_dir: str, split_sizes: dict[str, int], image=clevr_image) -
                     "image": image(index),
                     "file_name": f"CLEVR_{split}_{index:06d}.png",
                     "objects": {
-                        **{name: [o[name] for o in objects] for name in SPEC_ORDERS},
+                        **{name: [o[name] for o in objects] for name in ENCODING_ORDERS},
                         "3d_coords": np.array([o["3d_coords"] for o in objects], np.float32).reshape(-1, 3),
                         "pixel_coords": np.zeros((len(objects), 3), np.float32),
                         "rotation": np.zeros(len(objects), np.float32),
@@ -219,8 +219,8 @@ def test_clevr_set_prediction_target_encoding_and_padding(clevr_dir):
         expected = np.zeros((10, 19), np.float32)
         for row, obj in zip(expected, objects):
             row[:3] = (np.array(obj["3d_coords"], np.float32) + 3) / 6
-            for name, first_column in SPEC_COLUMNS.items():
-                row[first_column + SPEC_ORDERS[name].index(obj[name])] = 1
+            for name, first_column in ENCODING_COLUMNS.items():
+                row[first_column + ENCODING_ORDERS[name].index(obj[name])] = 1
             row[18] = 1
         np.testing.assert_allclose(target, expected, rtol=0, atol=1e-6, err_msg=f"scene {index}")
     # Set prediction resizes the whole 320x480 image, without crop.
@@ -230,12 +230,12 @@ def test_clevr_set_prediction_target_encoding_and_padding(clevr_dir):
 
 def test_clevr_target_maps_class_labels_by_name():
     reversed_labels = tfds.features.FeaturesDict(
-        {name: tfds.features.ClassLabel(names=order[::-1]) for name, order in SPEC_ORDERS.items()}
+        {name: tfds.features.ClassLabel(names=order[::-1]) for name, order in ENCODING_ORDERS.items()}
     )
-    objects = {"3d_coords": tf.constant([[3.0, -3.0, 0.0]]), **{name: tf.constant([0]) for name in SPEC_ORDERS}}
+    objects = {"3d_coords": tf.constant([[3.0, -3.0, 0.0]]), **{name: tf.constant([0]) for name in ENCODING_ORDERS}}
     target = datasets._clevr_target(objects, datasets._target_label_orders(reversed_labels)).numpy()
     np.testing.assert_allclose(target[0, :3], [1.0, 0.0, 0.5])
-    # Class 0 of each reversed feature is the last name of the SPEC order.
+    # Class 0 of each reversed feature is the last name of the encoding's order.
     assert np.flatnonzero(target[0]).tolist() == [0, 2, 4, 6, 9, 17, 18]
     np.testing.assert_array_equal(target[1:], 0)
 

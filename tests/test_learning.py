@@ -46,8 +46,8 @@ def test_set_prediction_learns_objects(tmp_path):
     """One object per scene and one slot at 32x32: AP(inf) needs size, material, shape and colour all right.
 
     With several slots, AP stays at the untrained level for thousands of steps while Slot Attention learns to
-    bind objects to slots (even 2 slots on 1-object scenes: AP(inf) 0.002 after 1,200 steps; measurements in
-    benchmarks/README.md), which no brief test can wait for; one slot needs no binding, so this checks that the
+    bind objects to slots (even 2 slots on 1-object scenes: AP(inf) 0.002 after 1,200 steps), which no brief
+    test can wait for; one slot needs no binding, so this checks that the
     model, the Hungarian loss, the trainer and the AP evaluation together learn the objects' properties.
     """
     untrained, trained = train_and_compare(

@@ -112,7 +112,7 @@ def test_fg_ari_from_masks_with_more_slots_than_objects_under_jit():
 
 
 def _encode_object(coords, size, material, shape, colour, present=1.0):
-    """19-value encoding of SPEC section 3 from scene coordinates and class indices."""
+    """The 19-value encoding (docs/target_encoding.md) from scene coordinates and class indices."""
     return np.concatenate(
         [
             (np.asarray(coords, float) + 3.0) / 6.0,
@@ -125,7 +125,8 @@ def _encode_object(coords, size, material, shape, colour, present=1.0):
     )
 
 
-def test_average_precision_spec_worked_example():
+def test_average_precision_worked_example():
+    """The example worked through in docs/average_precision.md."""
     object_a = ((0.0, 0.0, 0.35), 0, 0, 0, 0)
     object_b = ((1.0, -1.0, 0.7), 1, 1, 1, 1)
     object_c = ((2.0, 2.0, 0.35), 0, 1, 2, 7)
@@ -172,7 +173,7 @@ def test_average_precision_spec_worked_example():
 
 
 def _brute_force_average_precision(predictions, targets, distance_threshold):
-    """Loop version of SPEC's AP: greedy claiming, then VOC all-point area."""
+    """Loop version of the AP of docs/average_precision.md: greedy claiming, then VOC all-point area."""
     num_images, num_slots, _ = predictions.shape
     attribute_bounds = [(3, 5), (5, 7), (7, 10), (10, 18)]
 
