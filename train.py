@@ -42,14 +42,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         FLAGS(argv, known_only=True)
     except flags.Error:
         pass  # reported by the whole parse below
-    preset = "cpu" if FLAGS.preset == "auto" else FLAGS.preset  # auto: main() switches to official for real data
-    config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, f"{FLAGS.task}.py:{preset}"), "Configuration.")
-    try:
+    task, preset = FLAGS["task"].value, FLAGS["preset"].value  # the defaults where the values were bad
+    preset = "cpu" if preset == "auto" else preset  # auto: main() switches to official for real data
+    try:  # the config flag applies the --config.FIELD overrides as it is defined
+        config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, f"{task}.py:{preset}"), "Configuration.")
         return FLAGS(argv)
     except flags.Error as error:
         sys.exit(f"error: {error}")
     except (AttributeError, KeyError) as error:  # an override of a field the config does not have
-        sys.exit(unknown_field(argv, configs.get_config(FLAGS.task, preset)) or f"error: {error}")
+        sys.exit(unknown_field(argv, configs.get_config(task, preset)) or f"error: {error}")
 
 
 def unknown_field(argv: list[str], config) -> str | None:
