@@ -4,19 +4,32 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" for CPU-only torch.
+PIP_ARGS ?=
 # Two pytest workers, one test file each at a time: XLA compiles on one thread, so two workers keep two cores busy.
 TEST_WORKERS ?= 2
+# glibc (2.35+) backs large allocations with transparent huge pages where the kernel hands them out on request
+# (THP mode "madvise"): XLA's CPU runtime allocates a step's temporaries afresh on every call, and with 4 KiB
+# pages the page faults dominate multi-threaded CPU steps. Ignored elsewhere.
+HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: run test
+.PHONY: run test lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	$(PYTHON) -m pip install --quiet -e ".[dev]" $(PIP_ARGS)
 	touch $@
 
 run: $(VENV)/.installed
-	$(PYTHON) train.py --task=discovery $(ARGS)
+	$(HUGE_PAGES) $(PYTHON) train.py --task=discovery $(ARGS)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.installed
+	$(HUGE_PAGES) $(PYTHON) benchmarks/step_time.py $(ARGS)

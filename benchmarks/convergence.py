@@ -10,7 +10,8 @@ default config on the embedded scenes) in a fresh work directory for at most
 the task's metrics from metrics.jsonl) and a summary of the main metric at
 5, 10 and 15 minutes. Writes the rows to --json and a plot of the main metric
 against minutes to --plot. Arguments after `--` go to train.py
-(e.g. `-- --config.learning_rate=1e-3`).
+(e.g. `-- --config.learning_rate=1e-3`). Like `make run`, each run has
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless the environment sets GLIBC_TUNABLES (see the README).
 """
 
 from __future__ import annotations
@@ -32,11 +33,18 @@ CHECKPOINT_MINUTES = (5, 10, 15)
 
 def run(task: str, seed: int, minutes: float, workdir: str, train_args: list[str]) -> list[dict]:
     """Trains for at most `minutes` and returns the validation rows, each with `minutes` since the start."""
-    command = [sys.executable, os.path.join(REPO, "train.py"), f"--task={task}", f"--workdir={workdir}",
-               f"--config.seed={seed}", *train_args]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train.py"),
+        f"--task={task}",
+        f"--workdir={workdir}",
+        f"--config.seed={seed}",
+        *train_args,
+    ]
     print("command:", " ".join(command), flush=True)
     start = time.time()
-    process = subprocess.Popen(command, cwd=REPO)
+    env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **os.environ}
+    process = subprocess.Popen(command, cwd=REPO, env=env)
     try:
         process.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:
@@ -47,8 +55,11 @@ def run(task: str, seed: int, minutes: float, workdir: str, train_args: list[str
         sys.exit(f"error: the run wrote no {path}; see its output above.")
     with open(path) as file:
         rows = [json.loads(line) for line in file]
-    return [{**row, "seed": seed, "minutes": (row["wall_time"] - start) / 60} for row in rows
-            if row["split"] == "validation" and (row["wall_time"] - start) / 60 <= minutes]
+    return [
+        {**row, "seed": seed, "minutes": (row["wall_time"] - start) / 60}
+        for row in rows
+        if row["split"] == "validation" and (row["wall_time"] - start) / 60 <= minutes
+    ]
 
 
 def value_at(rows: list[dict], name: str, minutes: float) -> float | None:
@@ -67,8 +78,13 @@ def plot(runs: dict[int, list[dict]], task: str, path: str, title: str) -> None:
     figure, axis = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for seed, rows in runs.items():
         for name, style in zip(names, ("-", "--", ":")):
-            axis.plot([row["minutes"] for row in rows], [row[name] for row in rows], style, marker=".",
-                      label=f"{LABELS.get(name, name)}, seed {seed}")
+            axis.plot(
+                [row["minutes"] for row in rows],
+                [row[name] for row in rows],
+                style,
+                marker=".",
+                label=f"{LABELS.get(name, name)}, seed {seed}",
+            )
     axis.set_xlabel("wall-clock minutes (start-up and compilation included)")
     axis.set_ylabel(", ".join(LABELS.get(name, name) for name in names) + " (validation)")
     axis.set_ylim(0, 1)

@@ -1,10 +1,10 @@
-"""Throughput of the real data sets' input pipelines (slotjax.datasets), next to the training step's consumption.
+"""Throughput of the real data sets' input pipelines (slotjax.data.datasets), next to the training step's consumption.
 
-    python benchmarks/input_pipeline.py [--seconds 10] [--num-threads N] [--resolution 128]
+    python benchmarks/pipeline.py [--seconds 10] [--num-threads N] [--resolution 128]
         [--train-batch-size 8] [--train-steps 2]
 
 Writes stand-ins in a temporary directory and reads them with
-``slotjax.datasets.make_dataset`` (shuffled, repeated, as in training):
+``slotjax.data.datasets.make_dataset`` (shuffled, repeated, as in training):
 
 - clevr: a real TFDS ``clevr:3.1.0`` directory (written by the tests'
   ``store_clevr``) of 256 validation scenes, noisy 320x480 PNGs of about
@@ -20,7 +20,7 @@ Official settings: discovery at 128x128, batch 64; set prediction at 128x128,
 batch 512. Images per second count the images yielded after a warm-up batch.
 Decoding runs on ``num_threads`` TF threads (by default all cores but one).
 
-"step images/s" is what the jitted training step (``slotjax.trainer.Trainer``,
+"step images/s" is what the jitted training step (``slotjax.train.trainer.Trainer``,
 official model of the task, the pipeline's own images) consumes on this
 machine's default JAX device, timed over --train-steps steps after a compiling
 one, at --train-batch-size (default 8: a CPU cannot run the official batch in
@@ -49,7 +49,9 @@ sys.path.insert(0, str(REPOSITORY))
 import jax  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from slotjax import configs, datasets, trainer  # noqa: E402
+import configs  # noqa: E402
+from slotjax.data import datasets  # noqa: E402
+from slotjax.train import trainer  # noqa: E402
 from tests.test_datasets import store_clevr, write_records  # noqa: E402
 
 CLEVR_SCENES = 256
@@ -113,18 +115,31 @@ def main() -> None:
             write_records(name, pathlib.Path(data_dir), num_records)
 
         print(f"device: {jax.devices()[0].device_kind}; training step batch {args.train_batch_size}")
-        print(f"{'data set':18} {'task':15} {'res':>4} {'batch':>6} {'threads':>8} {'images/s':>9} "
-              f"{'step images/s':>14} {'headroom':>9}")
+        print(
+            f"{'data set':18} {'task':15} {'res':>4} {'batch':>6} {'threads':>8} {'images/s':>9} "
+            f"{'step images/s':>14} {'headroom':>9}"
+        )
         step_rates: dict[str, float] = {}  # per task: the models do not depend on the data set
         for name, task, batch_size in PIPELINES:
-            batches = datasets.make_dataset(name, data_dir, "validation", task=task, resolution=args.resolution,
-                                            batch_size=batch_size, num_threads=threads)
+            batches = datasets.make_dataset(
+                name,
+                data_dir,
+                "validation",
+                task=task,
+                resolution=args.resolution,
+                batch_size=batch_size,
+                num_threads=threads,
+            )
             rate = images_per_second(batches, batch_size, args.seconds)
             if task not in step_rates:
-                step_rates[task] = step_images_per_second(name, task, next(batches), args.train_batch_size,
-                                                          args.train_steps)
-            print(f"{name:18} {task:15} {args.resolution:4d} {batch_size:6d} {threads:8d} {rate:9.0f} "
-                  f"{step_rates[task]:14.1f} {rate / step_rates[task]:9.1f}", flush=True)
+                step_rates[task] = step_images_per_second(
+                    name, task, next(batches), args.train_batch_size, args.train_steps
+                )
+            print(
+                f"{name:18} {task:15} {args.resolution:4d} {batch_size:6d} {threads:8d} {rate:9.0f} "
+                f"{step_rates[task]:14.1f} {rate / step_rates[task]:9.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from slotjax.scenes import Scenes, split_indices  # noqa: E402
+from slotjax.data.scenes import Scenes, split_indices  # noqa: E402
 
 GRID_SIDE = 4
 GRID_GAP = 4

@@ -1,7 +1,6 @@
 """A short demo: the same Slot Attention weights in JAX and in PyTorch give the same slots."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx

@@ -1,4 +1,4 @@
-"""Shared helpers of the parity tests: relative errors as SPEC section 5 defines them."""
+"""Shared helpers of the parity tests: relative errors and the tolerances of docs/parity.md."""
 
 import jax
 import numpy as np
@@ -7,7 +7,7 @@ from flax import nnx
 
 from slotjax.convert import flax_to_torch
 
-# SPEC section 5: float32 on CPU.
+# docs/parity.md: float32 on CPU.
 FORWARD_TOLERANCE = 1e-5
 GRADIENT_TOLERANCE = 1e-4
 
@@ -71,6 +71,8 @@ def assert_grads_close(jax_grads: dict, torch_grads: dict, tolerance: float = GR
     for name in torch_grads:
         if name in zero:
             difference = np.linalg.norm(as_numpy(jax_grads[name]) - as_numpy(torch_grads[name]))
-            assert difference < tolerance * total_norm, f"gradient of {name} (zero in exact arithmetic): {difference:.3g}"
+            assert difference < tolerance * total_norm, (
+                f"gradient of {name} (zero in exact arithmetic): {difference:.3g}"
+            )
         else:
             assert_close(jax_grads[name], torch_grads[name], tolerance, f"gradient of {name}")

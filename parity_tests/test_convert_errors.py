@@ -14,7 +14,10 @@ def test_mismatched_shape_names_parameter_and_both_shapes():
     torch_module = torch_reference.SlotAttention(4, 16, input_size=12)
     module = slotjax.SlotAttention(4, 16, input_size=10, rngs=nnx.Rngs(0))
     before = flax_to_torch(module)
-    with pytest.raises(ConversionError, match=r"Parameter 'norm_inputs.bias' \(Flax norm_inputs.bias\) has shape \(12,\).*expects \(10,\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"Parameter 'norm_inputs.bias' \(Flax norm_inputs.bias\) has shape \(12,\).*expects \(10,\)",
+    ):
         torch_to_flax(torch_module.state_dict(), module)
     for name, value in flax_to_torch(module).items():  # nothing half-loaded
         np.testing.assert_array_equal(value, before[name])

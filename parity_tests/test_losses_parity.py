@@ -1,4 +1,4 @@
-"""Parity of slotjax.losses (JAX, optax Hungarian) with torch_reference.losses (scipy)."""
+"""Parity of slotjax.train.losses (JAX, optax Hungarian) with torch_reference.train.losses (scipy)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from slotjax import losses as jax_losses
-from torch_reference import losses as torch_losses
+from slotjax.train import losses as jax_losses
+from torch_reference.train import losses as torch_losses
 
 
 def _relative_error(actual, expected):
@@ -54,9 +54,7 @@ def _assert_jax_assignment_is_optimal(cost):
     [(0, 4, 10, 10), (1, 3, 10, 6), (2, 8, 7, 7), (3, 2, 11, 4), (4, 3, 4, 6)],
 )
 def test_loss_and_gradient_match_torch(seed, batch_size, num_slots, max_objects):
-    predictions, targets = _random_set_batch(
-        np.random.default_rng(seed), batch_size, num_slots, max_objects
-    )
+    predictions, targets = _random_set_batch(np.random.default_rng(seed), batch_size, num_slots, max_objects)
     jax_loss, jax_grads = _jax_loss_and_grad(predictions, targets)
     torch_loss, torch_grads = _torch_loss_and_grad(predictions, targets)
     assert _relative_error(jax_loss, torch_loss) < 1e-5

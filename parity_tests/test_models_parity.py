@@ -1,9 +1,7 @@
 """Whole models against torch_reference: every output, gradients, and 3 optimiser steps."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -20,18 +18,42 @@ from parity_tests.helpers import (
     to_torch,
     torch_param_grads,
 )
-from slotjax import losses as jax_losses
 from slotjax.convert import flax_to_torch, torch_to_flax
-from slotjax.optim import make_optimizer
-from torch_reference import losses as torch_losses
-from torch_reference.optim import make_optimizer as make_torch_optimizer
+from slotjax.train import losses as jax_losses
+from slotjax.train.optim import make_optimizer
+from torch_reference.train import losses as torch_losses
+from torch_reference.train.optim import make_optimizer as make_torch_optimizer
 
 # name -> (model class name, constructor options, batch size, target objects)
 MODELS = {
-    "autoencoder_16": ("SlotAutoencoder", dict(resolution=16, num_slots=3, slot_size=16, encoder_features=8, decoder_features=8, mlp_hidden_size=16), 2),
-    "autoencoder_32": ("SlotAutoencoder", dict(resolution=32, num_slots=4, slot_size=8, encoder_features=12, decoder_features=6, mlp_hidden_size=16, num_iterations=2), 1),
-    "set_predictor_16": ("SetPredictor", dict(resolution=16, num_slots=5, slot_size=16, encoder_features=8, mlp_hidden_size=16, head_hidden_size=8), 3),
-    "set_predictor_24": ("SetPredictor", dict(resolution=24, num_slots=3, slot_size=8, encoder_features=8, mlp_hidden_size=8, head_hidden_size=8), 2),
+    "autoencoder_16": (
+        "SlotAutoencoder",
+        dict(resolution=16, num_slots=3, slot_size=16, encoder_features=8, decoder_features=8, mlp_hidden_size=16),
+        2,
+    ),
+    "autoencoder_32": (
+        "SlotAutoencoder",
+        dict(
+            resolution=32,
+            num_slots=4,
+            slot_size=8,
+            encoder_features=12,
+            decoder_features=6,
+            mlp_hidden_size=16,
+            num_iterations=2,
+        ),
+        1,
+    ),
+    "set_predictor_16": (
+        "SetPredictor",
+        dict(resolution=16, num_slots=5, slot_size=16, encoder_features=8, mlp_hidden_size=16, head_hidden_size=8),
+        3,
+    ),
+    "set_predictor_24": (
+        "SetPredictor",
+        dict(resolution=24, num_slots=3, slot_size=8, encoder_features=8, mlp_hidden_size=8, head_hidden_size=8),
+        2,
+    ),
 }
 
 
@@ -93,7 +115,9 @@ def torch_loss(reference, images, noise, targets):
 def test_every_output_matches(name, seed, direction):
     model, reference = build_pair(name, seed, direction)
     images, noise, _ = draw_batch(name, seed + 10)
-    initial = model.encoder.slot_attention.slots_mu[...] + jnp.exp(model.encoder.slot_attention.slots_log_sigma[...]) * noise
+    initial = (
+        model.encoder.slot_attention.slots_mu[...] + jnp.exp(model.encoder.slot_attention.slots_log_sigma[...]) * noise
+    )
     outputs = model(jnp.asarray(images), initial_slots=initial)
     with torch.no_grad():
         expected = reference(nchw(images), initial_slots=to_torch(initial))
@@ -154,7 +178,9 @@ def test_three_optimizer_steps_match(name):
         assert_close(loss, reference_loss, FORWARD_TOLERANCE, f"loss at step {step}")
         for key, value in flax_to_torch(model).items():
             expected = as_numpy(reference.state_dict()[key])
-            assert np.abs(value - initial[key])[noise[key]].max(initial=0) <= 1.1 * schedule["learning_rate"] * step, key
+            assert np.abs(value - initial[key])[noise[key]].max(initial=0) <= 1.1 * schedule["learning_rate"] * step, (
+                key
+            )
             assert_close(value[~noise[key]], expected[~noise[key]], GRADIENT_TOLERANCE, f"{key} after step {step}")
     assert noise["encoder.slot_attention.norm_slots.bias"].all()
     assert sum(mask.sum() for mask in noise.values()) < 0.25 * sum(mask.size for mask in noise.values())

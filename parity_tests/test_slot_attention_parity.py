@@ -19,7 +19,7 @@ from parity_tests.helpers import (
     torch_param_grads,
 )
 from slotjax.convert import flax_to_torch, torch_to_flax
-from slotjax.modules import GRUCell
+from slotjax.nn.layers import GRUCell, layer_norm
 
 # (batch, num_inputs, input_size, slot_size, num_slots, num_iterations, call_num_slots, call_num_iterations)
 CASES = {
@@ -78,7 +78,9 @@ def test_forward_and_attention_match(case_name, seed, direction):
 
 
 @pytest.mark.parametrize("seed", [3, 4])
-@pytest.mark.parametrize("case_name", ["official_sizes", "input_size_differs", "one_slot", "more_slots_and_iterations_at_call"])
+@pytest.mark.parametrize(
+    "case_name", ["official_sizes", "input_size_differs", "one_slot", "more_slots_and_iterations_at_call"]
+)
 def test_gradients_match(case_name, seed):
     """Gradients w.r.t. inputs and every parameter, including mu and log_sigma through the sampled slots."""
     case = CASES[case_name]
@@ -96,7 +98,9 @@ def test_gradients_match(case_name, seed):
 
     torch_inputs = to_torch(inputs, requires_grad=True)
     initial = torch_module.slots_mu + torch.exp(torch_module.slots_log_sigma) * to_torch(noise)
-    torch_loss = (torch_module(torch_inputs, initial_slots=initial, num_iterations=call_num_iterations) * to_torch(cotangent)).sum()
+    torch_loss = (
+        torch_module(torch_inputs, initial_slots=initial, num_iterations=call_num_iterations) * to_torch(cotangent)
+    ).sum()
     torch_loss.backward()
 
     assert_close(loss, torch_loss, FORWARD_TOLERANCE, "loss")
@@ -115,8 +119,12 @@ def test_gru_cell_alone_matches_torch_gru_cell(seed):
     inputs = rng.normal(size=(batch, in_features)).astype(np.float32)
     state = rng.normal(size=(batch, hidden_size)).astype(np.float32)
 
-    loss_fn = lambda module, inputs, state: jnp.sum(jnp.sin(module(inputs, state)))
-    loss, jax_grads, (input_grad, state_grad) = jax_value_and_grads(gru, loss_fn, jnp.asarray(inputs), jnp.asarray(state))
+    def loss_fn(module, inputs, state):
+        return jnp.sum(jnp.sin(module(inputs, state)))
+
+    loss, jax_grads, (input_grad, state_grad) = jax_value_and_grads(
+        gru, loss_fn, jnp.asarray(inputs), jnp.asarray(state)
+    )
     torch_inputs, torch_state = to_torch(inputs, True), to_torch(state, True)
     torch_out = torch_gru(torch_inputs, torch_state)
     torch.sin(torch_out).sum().backward()
@@ -133,7 +141,7 @@ def test_gru_cell_alone_matches_torch_gru_cell(seed):
 def test_layer_norm_mapping(seed, scale):
     """Same epsilon on both sides; low-variance inputs (scale 1e-2) are where epsilons would differ."""
     features = 24
-    flax_norm = slotjax.modules.layer_norm(features, 1e-3, nnx.Rngs(seed))
+    flax_norm = layer_norm(features, 1e-3, nnx.Rngs(seed))
     torch_norm = torch.nn.LayerNorm(features, eps=1e-3)
     with torch.no_grad():
         torch_norm.weight.normal_()
@@ -163,7 +171,9 @@ def test_round_trip_flax_torch_flax_is_bit_identical(seed):
     returned = dict(nnx.to_flat_state(nnx.state(copy, nnx.Param)))
     assert original.keys() == returned.keys()
     for path in original:
-        np.testing.assert_array_equal(np.asarray(returned[path][...]), np.asarray(original[path][...]), err_msg=str(path))
+        np.testing.assert_array_equal(
+            np.asarray(returned[path][...]), np.asarray(original[path][...]), err_msg=str(path)
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1])

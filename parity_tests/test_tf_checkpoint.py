@@ -21,9 +21,11 @@ import torch
 from flax import nnx
 
 import torch_reference
-from parity_tests.helpers import FORWARD_TOLERANCE, assert_close, as_numpy
-from slotjax import convert, tf_checkpoint, trainer
+from parity_tests.helpers import FORWARD_TOLERANCE, as_numpy, assert_close
+from slotjax import convert, tf_checkpoint
 from slotjax.convert import ConversionError
+from slotjax.train import checkpoints as training_checkpoints
+from slotjax.train import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small models with all widths different, so that a transposed or swapped array cannot go unnoticed.
@@ -42,16 +44,31 @@ def official_shapes(task: str) -> dict[str, tuple[int, ...]]:
         shapes[f"encoder_cnn/layer_with_weights-{index}/kernel"] = (5, 5, in_features, ENCODER)
         shapes[f"encoder_cnn/layer_with_weights-{index}/bias"] = (ENCODER,)
         in_features = ENCODER
-    shapes.update({"encoder_pos/dense/kernel": (4, ENCODER), "encoder_pos/dense/bias": (ENCODER,),
-                   "layer_norm/gamma": (ENCODER,), "layer_norm/beta": (ENCODER,)})
+    shapes.update(
+        {
+            "encoder_pos/dense/kernel": (4, ENCODER),
+            "encoder_pos/dense/bias": (ENCODER,),
+            "layer_norm/gamma": (ENCODER,),
+            "layer_norm/beta": (ENCODER,),
+        }
+    )
     for index in range(2):
         shapes[f"mlp/layer_with_weights-{index}/kernel"] = (ENCODER, ENCODER)
         shapes[f"mlp/layer_with_weights-{index}/bias"] = (ENCODER,)
-    attention = {"slots_mu": (1, 1, SLOT), "slots_log_sigma": (1, 1, SLOT), "project_q/kernel": (SLOT, SLOT),
-                 "project_k/kernel": (ENCODER, SLOT), "project_v/kernel": (ENCODER, SLOT),
-                 "gru/kernel": (SLOT, 3 * SLOT), "gru/recurrent_kernel": (SLOT, 3 * SLOT), "gru/bias": (2, 3 * SLOT),
-                 "mlp/layer_with_weights-0/kernel": (SLOT, MLP_HIDDEN), "mlp/layer_with_weights-0/bias": (MLP_HIDDEN,),
-                 "mlp/layer_with_weights-1/kernel": (MLP_HIDDEN, SLOT), "mlp/layer_with_weights-1/bias": (SLOT,)}
+    attention = {
+        "slots_mu": (1, 1, SLOT),
+        "slots_log_sigma": (1, 1, SLOT),
+        "project_q/kernel": (SLOT, SLOT),
+        "project_k/kernel": (ENCODER, SLOT),
+        "project_v/kernel": (ENCODER, SLOT),
+        "gru/kernel": (SLOT, 3 * SLOT),
+        "gru/recurrent_kernel": (SLOT, 3 * SLOT),
+        "gru/bias": (2, 3 * SLOT),
+        "mlp/layer_with_weights-0/kernel": (SLOT, MLP_HIDDEN),
+        "mlp/layer_with_weights-0/bias": (MLP_HIDDEN,),
+        "mlp/layer_with_weights-1/kernel": (MLP_HIDDEN, SLOT),
+        "mlp/layer_with_weights-1/bias": (SLOT,),
+    }
     for norm, size in (("norm_inputs", ENCODER), ("norm_slots", SLOT), ("norm_mlp", SLOT)):
         attention.update({f"{norm}/gamma": (size,), f"{norm}/beta": (size,)})
     shapes.update({f"slot_attention/{name}": shape for name, shape in attention.items()})
@@ -62,10 +79,14 @@ def official_shapes(task: str) -> dict[str, tuple[int, ...]]:
             shapes[f"decoder_cnn/layer_with_weights-{index}/kernel"] = (size, size, out, in_features)
             shapes[f"decoder_cnn/layer_with_weights-{index}/bias"] = (out,)
     else:
-        shapes.update({"mlp_classifier/layer_with_weights-0/kernel": (SLOT, HEAD),
-                       "mlp_classifier/layer_with_weights-0/bias": (HEAD,),
-                       "mlp_classifier/layer_with_weights-1/kernel": (HEAD, 19),
-                       "mlp_classifier/layer_with_weights-1/bias": (19,)})
+        shapes.update(
+            {
+                "mlp_classifier/layer_with_weights-0/kernel": (SLOT, HEAD),
+                "mlp_classifier/layer_with_weights-0/bias": (HEAD,),
+                "mlp_classifier/layer_with_weights-1/kernel": (HEAD, 19),
+                "mlp_classifier/layer_with_weights-1/bias": (19,),
+            }
+        )
     return shapes
 
 
@@ -99,9 +120,13 @@ class FakeAdam(tf.Module):
         self.iter = tf.Variable(STEP, dtype=tf.int64)
         self.learning_rate = tf.Variable(4e-4)
         self.beta_1 = tf.Variable(0.9)
-        self._slot_table = types.SimpleNamespace(values={  # not tracked: slots are saved through get_slot
-            (variable.ref(), name): tf.Variable(tf.ones_like(variable) * 0.5) for variable in model_variables
-            for name in ("m", "v")})
+        self._slot_table = types.SimpleNamespace(
+            values={  # not tracked: slots are saved through get_slot
+                (variable.ref(), name): tf.Variable(tf.ones_like(variable) * 0.5)
+                for variable in model_variables
+                for name in ("m", "v")
+            }
+        )
 
     def get_slot_names(self):
         return ["m", "v"]
@@ -125,8 +150,9 @@ def write_official_checkpoint(directory, variables: dict[str, np.ndarray], extra
         tf_variables.append(getattr(node, leaf))
     network = tf.Module()
     setattr(network, "layer_with_weights-0", layer)
-    checkpoint = tf.train.Checkpoint(network=network, optimizer=FakeAdam(tf_variables),
-                                     global_step=tf.Variable(STEP, dtype=tf.int64))
+    checkpoint = tf.train.Checkpoint(
+        network=network, optimizer=FakeAdam(tf_variables), global_step=tf.Variable(STEP, dtype=tf.int64)
+    )
     return tf.train.CheckpointManager(checkpoint, str(directory), max_to_keep=5).save()
 
 
@@ -161,8 +187,11 @@ def tf_gru(inputs, state, variables, path):
 
 
 def tf_slot_attention(inputs, noise, variables):
-    v = {name.removeprefix("slot_attention/"): value for name, value in variables.items()
-         if name.startswith("slot_attention/")}
+    v = {
+        name.removeprefix("slot_attention/"): value
+        for name, value in variables.items()
+        if name.startswith("slot_attention/")
+    }
     inputs = tf_layer_norm(inputs, v, "norm_inputs")
     keys, values = tf_dense(inputs, v, "project_k"), tf_dense(inputs, v, "project_v")
     slots = v["slots_mu"] + tf.exp(v["slots_log_sigma"]) * noise
@@ -173,11 +202,14 @@ def tf_slot_attention(inputs, noise, variables):
         attention = tf.nn.softmax(tf.einsum("bnd,bkd->bnk", keys, queries), axis=-1) + 1e-8
         attention = attention / tf.reduce_sum(attention, axis=-2, keepdims=True)
         updates = tf.einsum("bnk,bnd->bkd", attention, values)
-        slots = tf.reshape(tf_gru(tf.reshape(updates, [-1, slot_size]), tf.reshape(previous, [-1, slot_size]), v,
-                                  "gru"), [batch, num_slots, slot_size])
+        slots = tf.reshape(
+            tf_gru(tf.reshape(updates, [-1, slot_size]), tf.reshape(previous, [-1, slot_size]), v, "gru"),
+            [batch, num_slots, slot_size],
+        )
         normed = tf_layer_norm(slots, v, "norm_mlp")
-        slots = slots + tf_dense(tf_dense(normed, v, "mlp/layer_with_weights-0", tf.nn.relu), v,
-                                 "mlp/layer_with_weights-1")
+        slots = slots + tf_dense(
+            tf_dense(normed, v, "mlp/layer_with_weights-0", tf.nn.relu), v, "mlp/layer_with_weights-1"
+        )
     return slots
 
 
@@ -188,8 +220,11 @@ def tf_encoder(images, noise, variables, strides):
         x = tf.nn.relu(x + variables[f"encoder_cnn/layer_with_weights-{index}/bias"])
     x = x + tf_dense(tf_grid(x.shape[1]), variables, "encoder_pos/dense")
     x = tf.reshape(x, [x.shape[0], -1, x.shape[-1]])
-    x = tf_dense(tf_dense(tf_layer_norm(x, variables, "layer_norm"), variables, "mlp/layer_with_weights-0",
-                          tf.nn.relu), variables, "mlp/layer_with_weights-1")
+    x = tf_dense(
+        tf_dense(tf_layer_norm(x, variables, "layer_norm"), variables, "mlp/layer_with_weights-0", tf.nn.relu),
+        variables,
+        "mlp/layer_with_weights-1",
+    )
     return tf_slot_attention(x, noise, variables)
 
 
@@ -207,22 +242,30 @@ def tf_discovery(images, noise, variables):
     x = tf.reshape(x, [batch, num_slots, *x.shape[1:]])
     slot_reconstructions, alpha = x[..., :3], x[..., 3:]
     masks = tf.nn.softmax(alpha, axis=1)
-    return {"reconstruction": tf.reduce_sum(slot_reconstructions * masks, axis=1),
-            "slot_reconstructions": slot_reconstructions, "masks": masks, "slots": slots}
+    return {
+        "reconstruction": tf.reduce_sum(slot_reconstructions * masks, axis=1),
+        "slot_reconstructions": slot_reconstructions,
+        "masks": masks,
+        "slots": slots,
+    }
 
 
 def tf_set_prediction(images, noise, variables):
     slots = tf_encoder(images, noise, variables, (1, 2, 2, 1))
     hidden = tf_dense(slots, variables, "mlp_classifier/layer_with_weights-0", tf.nn.relu)
-    return {"predictions": tf_dense(hidden, variables, "mlp_classifier/layer_with_weights-1", tf.sigmoid),
-            "slots": slots}
+    return {
+        "predictions": tf_dense(hidden, variables, "mlp_classifier/layer_with_weights-1", tf.sigmoid),
+        "slots": slots,
+    }
 
 
 # --- tests ----------------------------------------------------------------------------------------------------------
 
 # task -> (image size, the paper's number of slots, the official forward pass)
-TASKS = {"discovery": (DISCOVERY_RESOLUTION, 7, tf_discovery),
-         "set_prediction": (SET_PREDICTION_RESOLUTION, 10, tf_set_prediction)}
+TASKS = {
+    "discovery": (DISCOVERY_RESOLUTION, 7, tf_discovery),
+    "set_prediction": (SET_PREDICTION_RESOLUTION, 10, tf_set_prediction),
+}
 
 
 @pytest.fixture(scope="module")
@@ -242,10 +285,16 @@ def test_written_checkpoints_have_the_official_layout(checkpoints, task):
     directory, variables = checkpoints[task]
     names = {name for name, _ in tf.train.list_variables(directory)}
     model_names = {f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in variables}
-    slot_names = {name.replace("/.ATTRIBUTES/", f"/.OPTIMIZER_SLOT/optimizer/{slot}/.ATTRIBUTES/")
-                  for name in model_names for slot in ("m", "v")}
-    others = {"_CHECKPOINTABLE_OBJECT_GRAPH", "global_step/.ATTRIBUTES/VARIABLE_VALUE",
-              "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+    slot_names = {
+        name.replace("/.ATTRIBUTES/", f"/.OPTIMIZER_SLOT/optimizer/{slot}/.ATTRIBUTES/")
+        for name in model_names
+        for slot in ("m", "v")
+    }
+    others = {
+        "_CHECKPOINTABLE_OBJECT_GRAPH",
+        "global_step/.ATTRIBUTES/VARIABLE_VALUE",
+        "save_counter/.ATTRIBUTES/VARIABLE_VALUE",
+    }
     others |= {f"optimizer/{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in ("iter", "learning_rate", "beta_1")}
     assert names == model_names | slot_names | others
     assert "network/layer_with_weights-0/slot_attention/gru/bias/.ATTRIBUTES/VARIABLE_VALUE" in names
@@ -298,8 +347,9 @@ def test_a_checkpoint_prefix_and_a_directory_give_the_same_weights(checkpoints):
 
 def run_module(*arguments, timeout=300):
     environment = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=environment)
+    return subprocess.run(
+        [sys.executable, *arguments], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=environment
+    )
 
 
 @pytest.mark.slow  # two fresh processes import TensorFlow and JAX and initialise the model: about a minute
@@ -311,19 +361,32 @@ def test_command_writes_a_work_directory_that_train_py_evaluates(checkpoints, tm
     assert result.stdout.strip() == f"Wrote a checkpoint to {workdir}"
 
     model, config = tf_checkpoint.load_tf_model(directory)
-    manager = trainer.checkpoint_manager(workdir)
+    manager = training_checkpoints.checkpoint_manager(workdir)
     assert manager.latest_step() == STEP
-    state = trainer.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config)
+    state = training_checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config)
     manager.close()
     converted = nnx.state(model, nnx.Param)
     assert jax.tree.structure(state.params) == jax.tree.structure(converted)
     for restored, value in zip(jax.tree.leaves(state.params), jax.tree.leaves(converted)):
         np.testing.assert_array_equal(np.asarray(restored), np.asarray(value))
 
-    overrides = dict(resolution=DISCOVERY_RESOLUTION, encoder_features=ENCODER, slot_size=SLOT,
-                     mlp_hidden_size=MLP_HIDDEN, decoder_features=DECODER, num_eval_examples=8, eval_batch_size=8)
-    result = run_module("train.py", "--task=discovery", "--preset=official", "--mode=eval", f"--workdir={workdir}",
-                        *(f"--config.{name}={value}" for name, value in overrides.items()))
+    overrides = dict(
+        resolution=DISCOVERY_RESOLUTION,
+        encoder_features=ENCODER,
+        slot_size=SLOT,
+        mlp_hidden_size=MLP_HIDDEN,
+        decoder_features=DECODER,
+        num_eval_examples=8,
+        eval_batch_size=8,
+    )
+    result = run_module(
+        "train.py",
+        "--task=discovery",
+        "--preset=official",
+        "--mode=eval",
+        f"--workdir={workdir}",
+        *(f"--config.{name}={value}" for name, value in overrides.items()),
+    )
     assert result.returncode == 0, result.stderr
     assert f"eval validation at step {STEP}: " in result.stdout, result.stdout
 
@@ -336,7 +399,8 @@ def test_command_reports_a_missing_variable_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {str(tmp_path / 'tf' / 'ckpt-1')!r} does not hold the official set_prediction model: missing "
-        "variable 'network/layer_with_weights-0/slot_attention/norm_mlp/beta/.ATTRIBUTES/VARIABLE_VALUE'."]
+        "variable 'network/layer_with_weights-0/slot_attention/norm_mlp/beta/.ATTRIBUTES/VARIABLE_VALUE'."
+    ]
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -354,15 +418,21 @@ def test_not_a_checkpoint_is_refused(tmp_path):
 def test_unexpected_and_misshapen_variables_are_named(tmp_path):
     variables = random_variables("discovery")
     write_official_checkpoint(tmp_path / "extra", variables, extra_names=["slot_attention/project_q/bias"])
-    with pytest.raises(ConversionError, match=r"unexpected variable 'network/layer_with_weights-0/slot_attention/"
-                                              r"project_q/bias/.ATTRIBUTES/VARIABLE_VALUE'"):
+    with pytest.raises(
+        ConversionError,
+        match=r"unexpected variable 'network/layer_with_weights-0/slot_attention/"
+        r"project_q/bias/.ATTRIBUTES/VARIABLE_VALUE'",
+    ):
         tf_checkpoint.read_tf_checkpoint(tmp_path / "extra")
 
     variables["slot_attention/gru/recurrent_kernel"] = variables["slot_attention/gru/recurrent_kernel"][:, :SLOT]
     write_official_checkpoint(tmp_path / "shape", variables)
-    with pytest.raises(ConversionError, match=r"Variable network/layer_with_weights-0/slot_attention/gru/"
-                                              rf"recurrent_kernel/.ATTRIBUTES/VARIABLE_VALUE in .* has shape "
-                                              rf"\({SLOT}, {SLOT}\); .* expects \({SLOT}, {3 * SLOT}\)"):
+    with pytest.raises(
+        ConversionError,
+        match=r"Variable network/layer_with_weights-0/slot_attention/gru/"
+        rf"recurrent_kernel/.ATTRIBUTES/VARIABLE_VALUE in .* has shape "
+        rf"\({SLOT}, {SLOT}\); .* expects \({SLOT}, {3 * SLOT}\)",
+    ):
         tf_checkpoint.read_tf_checkpoint(tmp_path / "shape")
 
 
@@ -371,8 +441,11 @@ def test_another_models_run_directory_is_refused(checkpoints, tmp_path):
     set_prediction, _ = checkpoints["set_prediction"]
     workdir = str(tmp_path / "run")
     tf_checkpoint.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
-    with pytest.raises(ConversionError, match=r"holds checkpoints of another model \(task: 'set_prediction' there, "
-                                              r"'discovery' here"):
+    with pytest.raises(
+        ConversionError,
+        match=r"holds checkpoints of another model \(task: 'set_prediction' there, "
+        r"'discovery' here",
+    ):
         tf_checkpoint.convert_tf_checkpoint(discovery, workdir)
     with pytest.raises(ConversionError, match=rf"already holds a checkpoint at step {STEP}"):
         tf_checkpoint.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
@@ -387,8 +460,11 @@ def test_a_work_directory_exports_back_to_the_same_tensorflow_checkpoint(checkpo
     reader = tf.train.load_checkpoint(str(tmp_path / "tf"))
     names = set(reader.get_variable_to_shape_map())
     model_names = {f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE" for name in variables}
-    assert names == model_names | {"_CHECKPOINTABLE_OBJECT_GRAPH", "global_step/.ATTRIBUTES/VARIABLE_VALUE",
-                                   "save_counter/.ATTRIBUTES/VARIABLE_VALUE"}
+    assert names == model_names | {
+        "_CHECKPOINTABLE_OBJECT_GRAPH",
+        "global_step/.ATTRIBUTES/VARIABLE_VALUE",
+        "save_counter/.ATTRIBUTES/VARIABLE_VALUE",
+    }
     assert reader.get_tensor("global_step/.ATTRIBUTES/VARIABLE_VALUE") == STEP
     for name, value in variables.items():
         stored = reader.get_tensor(f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE")

@@ -22,27 +22,27 @@ import json
 import os
 from collections.abc import Mapping
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from slotjax import modules
+from slotjax.nn import layers
 
 # (Flax module type, Flax leaf) -> (torch leaf, axis order turning the Flax array into torch's).
 LEAF_TABLE: dict[tuple[type, str], tuple[str, tuple[int, ...] | None]] = {
-    (modules.Dense, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
-    (modules.Dense, "bias"): ("bias", None),
-    (modules.LayerNorm, "scale"): ("weight", None),
-    (modules.LayerNorm, "bias"): ("bias", None),
-    (modules.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]
-    (modules.Conv, "bias"): ("bias", None),
-    (modules.ConvTranspose, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, out, in] -> [in, out, k, k]
-    (modules.ConvTranspose, "bias"): ("bias", None),
+    (layers.Dense, "kernel"): ("weight", (1, 0)),  # [in, out] -> [out, in]
+    (layers.Dense, "bias"): ("bias", None),
+    (layers.LayerNorm, "scale"): ("weight", None),
+    (layers.LayerNorm, "bias"): ("bias", None),
+    (layers.Conv, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, in, out] -> [out, in, k, k]
+    (layers.Conv, "bias"): ("bias", None),
+    (layers.ConvTranspose, "kernel"): ("weight", (3, 2, 0, 1)),  # [k, k, out, in] -> [in, out, k, k]
+    (layers.ConvTranspose, "bias"): ("bias", None),
 }
 
 # Parent module type -> {Flax "child.leaf": torch leaf}: torch.nn.GRUCell's names.
 PARENT_RENAMES: dict[type, dict[str, str]] = {
-    modules.GRUCell: {
+    layers.GRUCell: {
         "input_dense.kernel": "weight_ih",
         "input_dense.bias": "bias_ih",
         "hidden_dense.kernel": "weight_hh",
@@ -129,15 +129,18 @@ def torch_to_flax(state_dict: Mapping[str, object], module: nnx.Module) -> nnx.M
         if value.shape != expected:
             raise ConversionError(
                 f"Parameter {torch_name!r} (Flax {_dotted(path)}) has shape {value.shape} in the weights "
-                f"but the model expects {expected}. Build the model with the configuration the weights were trained with."
+                f"but the model expects {expected}. "
+                "Build the model with the configuration the weights were trained with."
             )
         if value.dtype.kind not in "biuf" and not jnp.issubdtype(value.dtype, jnp.floating):  # bfloat16 is kind "V"
             raise ConversionError(f"Parameter {torch_name!r} has dtype {value.dtype}; expected real numbers.")
         with np.errstate(over="ignore"):
             value = np.asarray(value, dtype=params[path].dtype)
         if not np.isfinite(value).all():
-            raise ConversionError(f"Parameter {torch_name!r} holds NaN or inf (in the model's {value.dtype}); "
-                                  "the weights are broken (a diverged run?).")
+            raise ConversionError(
+                f"Parameter {torch_name!r} holds NaN or inf (in the model's {value.dtype}); "
+                "the weights are broken (a diverged run?)."
+            )
         converted[path] = value if order is None else value.transpose(np.argsort(order))
     for path, value in converted.items():
         params[path][...] = value
@@ -211,8 +214,10 @@ def _read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
             loaded, metadata = loaded["state_dict"], loaded.get("metadata", {})
         if not isinstance(loaded, dict) or not isinstance(metadata, dict):
-            raise ConversionError(f"{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}} "
-                                  "(or {'state_dict': ..., 'metadata': ...}).")
+            raise ConversionError(
+                f"{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}} "
+                "(or {'state_dict': ..., 'metadata': ...})."
+            )
         for name, value in loaded.items():
             if not isinstance(value, torch.Tensor):
                 raise ConversionError(f"{path!r} holds a {type(value).__name__} at {name!r}, not a tensor.")
@@ -241,11 +246,14 @@ def is_weights_file(path: str) -> bool:
 def save_model_weights(model: nnx.Module, config, step: int, output: str) -> str:
     """Writes the model's torch-layout weights with what `torch_reference.load_model` and
     `weights_to_checkpoint` need: the model's name and arguments, the config and the step."""
-    from slotjax import trainer
+    from slotjax.train import step as steps
 
-    name, arguments = trainer.model_spec(config)
-    save_weights(model, output, {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(),
-                                 "step": str(step)})
+    name, arguments = steps.model_spec(config)
+    save_weights(
+        model,
+        output,
+        {"model": name, "arguments": json.dumps(arguments), "config": config.to_json(), "step": str(step)},
+    )
     return output
 
 
@@ -254,24 +262,30 @@ def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
 
     Refuses a work directory that already holds checkpoints of another model, or one at this step.
     """
-    from slotjax import trainer
+    from slotjax.train import checkpoints, trainer
 
-    manager = trainer.checkpoint_manager(workdir, config)
+    manager = checkpoints.checkpoint_manager(workdir, config)
     try:
         latest = manager.latest_step()
         if latest is not None:
-            saved = trainer.config_from_checkpoint(manager, latest)
-            differing = [f"{field}: {saved.get(field)!r} there, {config.get(field)!r} here"
-                         for field in trainer.MODEL_FIELDS if saved.get(field) != config.get(field)]
+            saved = checkpoints.config_from_checkpoint(manager, latest)
+            differing = [
+                f"{field}: {saved.get(field)!r} there, {config.get(field)!r} here"
+                for field in checkpoints.MODEL_FIELDS
+                if saved.get(field) != config.get(field)
+            ]
             if differing:
-                raise ConversionError(f"{workdir!r} holds checkpoints of another model ({', '.join(differing)}); "
-                                      "choose a new --output directory.")
+                raise ConversionError(
+                    f"{workdir!r} holds checkpoints of another model ({', '.join(differing)}); "
+                    "choose a new --output directory."
+                )
             if step in manager.all_steps():
-                raise ConversionError(f"{workdir!r} already holds a checkpoint at step {step}; "
-                                      "choose a new --output directory.")
+                raise ConversionError(
+                    f"{workdir!r} already holds a checkpoint at step {step}; choose a new --output directory."
+                )
         state = trainer.Trainer(config).initial_state()
         state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(step, jnp.int32))
-        trainer.save_checkpoint(manager, state, config)
+        checkpoints.save_checkpoint(manager, state, config)
     finally:
         manager.close()
     return workdir
@@ -279,15 +293,16 @@ def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
 
 def restore_model(workdir: str, step: int | None = None):
     """(model, config, step) of the training checkpoint in `workdir` (the latest, or `step`)."""
-    from slotjax import trainer
+    from slotjax.train import checkpoints, trainer
+    from slotjax.train import step as steps
 
-    manager = trainer.checkpoint_manager(workdir)
+    manager = checkpoints.checkpoint_manager(workdir)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise ConversionError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}.")
-    config = trainer.config_from_checkpoint(manager, step)
-    model = trainer.build_model(config)
-    state = trainer.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
+    config = checkpoints.config_from_checkpoint(manager, step)
+    model = steps.build_model(config)
+    state = checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
     nnx.update(model, state.params)
     manager.close()
     return model, config, step
@@ -303,14 +318,16 @@ def weights_to_checkpoint(weights: str, workdir: str) -> str:
     checkpoint in `workdir`, from which `train.py --workdir` evaluates or continues training."""
     import ml_collections
 
-    from slotjax import trainer
+    from slotjax.train import step as steps
 
     metadata = load_metadata(weights)
     if "config" not in metadata:
-        raise ConversionError(f"{weights!r} holds no slotjax config in its metadata; it was not written by slotjax "
-                              "or torch_reference.save_model, so the model it belongs to is unknown.")
+        raise ConversionError(
+            f"{weights!r} holds no slotjax config in its metadata; it was not written by slotjax "
+            "or torch_reference.save_model, so the model it belongs to is unknown."
+        )
     config = ml_collections.ConfigDict(json.loads(metadata["config"]))
-    model = torch_to_flax(load_weights(weights), trainer.build_model(config))
+    model = torch_to_flax(load_weights(weights), steps.build_model(config))
     return write_checkpoint(model, config, int(metadata.get("step", 0)), workdir)
 
 
@@ -319,15 +336,29 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="training work directory (its checkpoints/)")
-    parser.add_argument("--input", help="a weights file (.safetensors or .pt), or an official TensorFlow checkpoint "
-                                        "(its directory or a ckpt-N prefix), to turn into a checkpoint or weights")
-    parser.add_argument("--output", required=True, help="weights file (.safetensors, .pt) or work directory to "
-                                                         "write; with --tf, the TensorFlow checkpoint directory")
+    parser.add_argument(
+        "--input",
+        help="a weights file (.safetensors or .pt), or an official TensorFlow checkpoint "
+        "(its directory or a ckpt-N prefix), to turn into a checkpoint or weights",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="weights file (.safetensors, .pt) or work directory to "
+        "write; with --tf, the TensorFlow checkpoint directory",
+    )
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--tf", action="store_true", help="with --workdir: write the official TensorFlow checkpoint "
-                                                            "layout into the --output directory")
-    parser.add_argument("--resolution", type=int, help="image size of a TensorFlow set-prediction checkpoint (default "
-                                                       "128, the paper's; discovery's follows from its decoder)")
+    parser.add_argument(
+        "--tf",
+        action="store_true",
+        help="with --workdir: write the official TensorFlow checkpoint layout into the --output directory",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        help="image size of a TensorFlow set-prediction checkpoint (default "
+        "128, the paper's; discovery's follows from its decoder)",
+    )
     args = parser.parse_args(argv)
     if args.tf or (args.input and not is_weights_file(args.input)):
         # TensorFlow only reads and writes files here: without its oneDNN kernels it prints no start-up notice either

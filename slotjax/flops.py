@@ -9,7 +9,8 @@ the work that dominates these models, with XLA's convention for convolutions (on
 input pixels: not on padding, nor on the zeros a transposed convolution inserts). Elementwise operations,
 reductions and softmax are not counted, nor is work whose result nothing uses (XLA removes it). Loops: a `scan`
 counts its body once per step; a `while` loop whose body multiplies is refused (its trip count is unknown when
-tracing).
+tracing). A `cond` counts its costliest branch, which includes the platform-dependent forms of `slotjax.kernels`:
+trace under `kernels.use_forms("reference")` (or "cpu") to count the form one platform runs.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def _equation_flops(equation: JaxprEqn, used_outputs: list[bool]) -> float:
         return params["length"] * _jaxpr_flops(params["jaxpr"].jaxpr)
     if name == "while":
         if _jaxpr_flops(params["body_jaxpr"].jaxpr) or _jaxpr_flops(params["cond_jaxpr"].jaxpr):
-            raise ValueError("count_flops: a while loop multiplies, and its trip count is unknown when tracing; "
-                             "write the loop as a jax.lax.scan (or a fori_loop with static bounds)")
+            raise ValueError(
+                "count_flops: a while loop multiplies, and its trip count is unknown when tracing; "
+                "write the loop as a jax.lax.scan (or a fori_loop with static bounds)"
+            )
         return 0.0
     if name == "cond":
         return max(_jaxpr_flops(branch.jaxpr, used_outputs) for branch in params["branches"])
     # calls (jit, custom_jvp / custom_vjp, remat, ...): inner jaxprs whose outputs are the equation's
-    return sum(_jaxpr_flops(inner, used_outputs if len(inner.outvars) == len(used_outputs) else None)
-               for inner in jaxprs_in_params(params))
+    return sum(
+        _jaxpr_flops(inner, used_outputs if len(inner.outvars) == len(used_outputs) else None)
+        for inner in jaxprs_in_params(params)
+    )
 
 
 def _dot_general_flops(equation) -> float:
@@ -76,17 +81,25 @@ def _convolution_flops(equation) -> float:
     lhs_dilation = params["lhs_dilation"] or (1,) * spatial
     rhs_dilation = params["rhs_dilation"] or (1,) * spatial
     taps = math.prod(  # (output position, kernel tap) pairs that read an input pixel, per spatial dimension
-        _valid_taps(lhs_shape[lhs_spec[2 + axis]], rhs_shape[rhs_spec[2 + axis]], out_shape[out_spec[2 + axis]],
-                    params["window_strides"][axis], params["padding"][axis][0], lhs_dilation[axis],
-                    rhs_dilation[axis])
-        for axis in range(spatial))
+        _valid_taps(
+            lhs_shape[lhs_spec[2 + axis]],
+            rhs_shape[rhs_spec[2 + axis]],
+            out_shape[out_spec[2 + axis]],
+            params["window_strides"][axis],
+            params["padding"][axis][0],
+            lhs_dilation[axis],
+            rhs_dilation[axis],
+        )
+        for axis in range(spatial)
+    )
     # each output (batch, feature) pair reads the kernel's input features of its group at each valid tap
     outputs = out_shape[out_spec[0]] * out_shape[out_spec[1]]
     return 2.0 * outputs * rhs_shape[rhs_spec[1]] * taps
 
 
-def _valid_taps(size: int, kernel: int, out: int, stride: int, pad_low: int, lhs_dilation: int,
-                rhs_dilation: int) -> int:
+def _valid_taps(
+    size: int, kernel: int, out: int, stride: int, pad_low: int, lhs_dilation: int, rhs_dilation: int
+) -> int:
     dilated_size = (size - 1) * lhs_dilation + 1
     count = 0
     for position in range(out):

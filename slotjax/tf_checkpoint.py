@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import ml_collections
 import numpy as np
 
-from slotjax import configs
 from slotjax.convert import ConversionError
 
 MODEL_PREFIX = "network/layer_with_weights-0/"
@@ -142,15 +141,19 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     if os.path.isdir(path):
         prefix = tf.train.latest_checkpoint(path)
         if prefix is None:
-            raise ConversionError(f"{path!r} holds no TensorFlow checkpoint: no 'checkpoint' file naming one "
-                                  "(a checkpoint directory holds 'checkpoint', ckpt-N.index and ckpt-N.data-* files).")
+            raise ConversionError(
+                f"{path!r} holds no TensorFlow checkpoint: no 'checkpoint' file naming one "
+                "(a checkpoint directory holds 'checkpoint', ckpt-N.index and ckpt-N.data-* files)."
+            )
         return prefix
     for suffix in (".index", ".data-00000-of-00001"):
         if path.endswith(suffix):
             path = path[: -len(suffix)]
     if not os.path.exists(f"{path}.index"):
-        raise ConversionError(f"{path!r} is not a TensorFlow checkpoint: no {os.path.basename(path)}.index next to it "
-                              "(give the checkpoint directory or a ckpt-N prefix).")
+        raise ConversionError(
+            f"{path!r} is not a TensorFlow checkpoint: no {os.path.basename(path)}.index next to it "
+            "(give the checkpoint directory or a ckpt-N prefix)."
+        )
     return path
 
 
@@ -166,17 +169,22 @@ def read_variables(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray],
         reader = tf.train.load_checkpoint(prefix)
         names = sorted(reader.get_variable_to_shape_map())
         step = int(reader.get_tensor(STEP_NAME)) if STEP_NAME in names else 0
-        arrays = {name: np.asarray(reader.get_tensor(name)) for name in names
-                  if not name.startswith(IGNORED_PREFIXES) and SLOT_MARKER not in name}
+        arrays = {
+            name: np.asarray(reader.get_tensor(name))
+            for name in names
+            if not name.startswith(IGNORED_PREFIXES) and SLOT_MARKER not in name
+        }
     except tf.errors.OpError as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"Could not read the TensorFlow checkpoint {prefix!r}: {message}") from error
     variables = {}
     for name, value in arrays.items():
         if not (name.startswith(MODEL_PREFIX) and name.endswith(VALUE_SUFFIX)):
-            raise ConversionError(f"Unexpected variable {name!r} in {prefix!r}: not a variable of the official "
-                                  f"models (they sit at {MODEL_PREFIX}...{VALUE_SUFFIX}).")
-        variables[name[len(MODEL_PREFIX): -len(VALUE_SUFFIX)]] = value
+            raise ConversionError(
+                f"Unexpected variable {name!r} in {prefix!r}: not a variable of the official "
+                f"models (they sit at {MODEL_PREFIX}...{VALUE_SUFFIX})."
+            )
+        variables[name[len(MODEL_PREFIX) : -len(VALUE_SUFFIX)]] = value
     return prefix, variables, step
 
 
@@ -186,8 +194,10 @@ def detect_task(variables: dict[str, np.ndarray], prefix: str) -> str:
     has_classifier = any(name.startswith("mlp_classifier/") for name in variables)
     if has_decoder == has_classifier:
         found = "both a decoder_cnn and an mlp_classifier" if has_decoder else "neither decoder_cnn nor mlp_classifier"
-        raise ConversionError(f"{prefix!r} holds {found}: it is not one of the official Slot Attention models "
-                              "(object discovery has a decoder, set prediction a classifier).")
+        raise ConversionError(
+            f"{prefix!r} holds {found}: it is not one of the official Slot Attention models "
+            "(object discovery has a decoder, set prediction a classifier)."
+        )
     return "discovery" if has_decoder else "set_prediction"
 
 
@@ -201,13 +211,16 @@ def _required(variables: dict[str, np.ndarray], name: str, rank: int, prefix: st
     return shape
 
 
-def infer_config(variables: dict[str, np.ndarray], prefix: str, resolution: int | None = None
-                 ) -> ml_collections.ConfigDict:
+def infer_config(
+    variables: dict[str, np.ndarray], prefix: str, resolution: int | None = None
+) -> ml_collections.ConfigDict:
     """The official config of the checkpoint's task, with the widths read from the variables' shapes.
 
     Discovery's resolution follows from the number of decoder layers (8x8 upsampled by each stride-2 layer);
     set prediction's is not stored in the weights: 128 as in the paper unless `resolution` says otherwise.
     """
+    import configs  # the repository's configs/ (train.py's), on the path when run from the repository root
+
     task = detect_task(variables, prefix)
     config = configs.get_config(task, "official", "clevr")  # the official scripts train on TFDS CLEVR
     config.encoder_features = _required(variables, "encoder_cnn/layer_with_weights-0/kernel", 4, prefix)[3]
@@ -216,13 +229,17 @@ def infer_config(variables: dict[str, np.ndarray], prefix: str, resolution: int 
     if task == "discovery":
         num_layers = len({name.split("/")[1] for name in variables if name.startswith("decoder_cnn/")})
         if num_layers < 3:
-            raise ConversionError(f"{prefix!r} has {num_layers} decoder_cnn layers; the official decoder has at least "
-                                  "one stride-2 layer and two stride-1 layers.")
+            raise ConversionError(
+                f"{prefix!r} has {num_layers} decoder_cnn layers; the official decoder has at least "
+                "one stride-2 layer and two stride-1 layers."
+            )
         config.decoder_features = _required(variables, "decoder_cnn/layer_with_weights-0/kernel", 4, prefix)[2]
         implied = BROADCAST_RESOLUTION * 2 ** (num_layers - 2)
         if resolution is not None and resolution != implied:
-            raise ConversionError(f"The decoder in {prefix!r} ({num_layers} layers) produces {implied}x{implied} "
-                                  f"images, not the {resolution}x{resolution} asked for.")
+            raise ConversionError(
+                f"The decoder in {prefix!r} ({num_layers} layers) produces {implied}x{implied} "
+                f"images, not the {resolution}x{resolution} asked for."
+            )
         config.resolution = implied
     else:
         config.head_hidden_size = _required(variables, "mlp_classifier/layer_with_weights-0/kernel", 2, prefix)[1]
@@ -230,17 +247,19 @@ def infer_config(variables: dict[str, np.ndarray], prefix: str, resolution: int 
     return config
 
 
-def to_state_dict(variables: dict[str, np.ndarray], config: ml_collections.ConfigDict, prefix: str
-                  ) -> dict[str, np.ndarray]:
+def to_state_dict(
+    variables: dict[str, np.ndarray], config: ml_collections.ConfigDict, prefix: str
+) -> dict[str, np.ndarray]:
     """The torch_reference state dict of the model `config` describes, from the checkpoint's variables.
 
     Refuses missing, unexpected and misshapen variables, naming each one with its full checkpoint name.
     """
     from flax import nnx
 
-    from slotjax import convert, trainer
+    from slotjax import convert
+    from slotjax.train import step as steps
 
-    torch_shapes = convert.torch_shapes(nnx.eval_shape(lambda: trainer.build_model(config)))  # nothing initialised
+    torch_shapes = convert.torch_shapes(nnx.eval_shape(lambda: steps.build_model(config)))  # nothing initialised
     num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in torch_shapes)
     table = _name_table(config.task, num_decoder_layers)
     missing = sorted(set(table) - set(variables))
@@ -248,18 +267,24 @@ def to_state_dict(variables: dict[str, np.ndarray], config: ml_collections.Confi
     if missing or unexpected:
         full = [f"{MODEL_PREFIX}{name}{VALUE_SUFFIX}" for name in missing + unexpected]
         what = [f"missing variable {name!r}" for name in full[: len(missing)]]
-        what += [f"unexpected variable {name!r}" for name in full[len(missing):]]
+        what += [f"unexpected variable {name!r}" for name in full[len(missing) :]]
         raise ConversionError(f"{prefix!r} does not hold the official {config.task} model: {'; '.join(what)}.")
     state_dict = {}
     for name, (torch_name, rule) in table.items():
         value = variables[name]
         expected = _tf_shape(rule, torch_name, torch_shapes)
         if value.shape != expected:
-            raise ConversionError(f"Variable {MODEL_PREFIX}{name}{VALUE_SUFFIX} in {prefix!r} has shape "
-                                  f"{value.shape}; the {config.task} model its other variables describe expects "
-                                  f"{expected}.")
-        state_dict.update({key: np.ascontiguousarray(array, dtype=np.float32)
-                           for key, array in _to_torch(rule, torch_name, value).items()})
+            raise ConversionError(
+                f"Variable {MODEL_PREFIX}{name}{VALUE_SUFFIX} in {prefix!r} has shape "
+                f"{value.shape}; the {config.task} model its other variables describe expects "
+                f"{expected}."
+            )
+        state_dict.update(
+            {
+                key: np.ascontiguousarray(array, dtype=np.float32)
+                for key, array in _to_torch(rule, torch_name, value).items()
+            }
+        )
     return state_dict
 
 
@@ -272,20 +297,21 @@ def read_tf_checkpoint(path: str | os.PathLike, resolution: int | None = None) -
 
 def load_tf_model(path: str | os.PathLike, resolution: int | None = None):
     """(slotjax model with the checkpoint's weights, its config): for notebooks."""
-    from slotjax import trainer
     from slotjax.convert import torch_to_flax
+    from slotjax.train import step as steps
 
     checkpoint = read_tf_checkpoint(path, resolution)
-    return torch_to_flax(checkpoint.state_dict, trainer.build_model(checkpoint.config)), checkpoint.config
+    return torch_to_flax(checkpoint.state_dict, steps.build_model(checkpoint.config)), checkpoint.config
 
 
 def convert_tf_checkpoint(path: str | os.PathLike, output: str, resolution: int | None = None) -> str:
     """Official checkpoint -> `output`: torch_reference weights (.safetensors / .pt), or else a slotjax work
     directory that `train.py --workdir=output` evaluates (`--mode=eval`) or fine-tunes."""
-    from slotjax import convert, trainer
+    from slotjax import convert
+    from slotjax.train import step as steps
 
     checkpoint = read_tf_checkpoint(path, resolution)
-    model = convert.torch_to_flax(checkpoint.state_dict, trainer.build_model(checkpoint.config))
+    model = convert.torch_to_flax(checkpoint.state_dict, steps.build_model(checkpoint.config))
     if convert.is_weights_file(output):
         convert.save_model_weights(model, checkpoint.config, checkpoint.step, output)
     else:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from slotjax import scenes
+from slotjax.data import encoding, scenes
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -78,19 +78,19 @@ def _draw_objects(base: Image.Image, objects: np.ndarray) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     width, height = canvas.size
     radius = max(width // 24, 3)
-    for obj in objects:
-        if obj[18] < 0.5:
-            continue
-        x, y = obj[0] * width, obj[1] * height
-        colour = tuple(int(c) for c in scenes.COLOUR_RGB[int(np.argmax(obj[10:18]))])
-        shape = int(np.argmax(obj[7:10]))
+    for obj in objects[encoding.is_present(objects)]:
+        x, y = obj[encoding.COORDINATES][:2] * (width, height)  # stored x, y: the column and row / resolution
+        _, _, shape, colour_index = encoding.decode_attributes(obj)
+        colour = tuple(int(c) for c in scenes.COLOUR_RGB[colour_index])
         box = [x - radius, y - radius, x + radius, y + radius]
         if shape == 0:
             draw.rectangle(box, fill=colour, outline="white")
         elif shape == 1:
             draw.ellipse(box, fill=colour, outline="white")
         else:
-            draw.polygon([(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour, outline="white")
+            draw.polygon(
+                [(x, y - radius), (x - radius, y + radius), (x + radius, y + radius)], fill=colour, outline="white"
+            )
     return np.asarray(canvas)
 
 

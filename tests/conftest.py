@@ -9,7 +9,7 @@ import pathlib
 import jax
 import pytest
 
-from slotjax import configs
+import configs
 
 CACHE_SETTINGS = {
     "jax_compilation_cache_dir": str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"),
@@ -28,10 +28,26 @@ def pytest_collection_modifyitems(items):
 
 def tiny_config(task: str = "discovery", **overrides):
     config = configs.get_config(task, "cpu")
-    config.update(dict(resolution=16, batch_size=8, eval_batch_size=8, num_eval_examples=16, encoder_features=16,
-                       slot_size=16, mlp_hidden_size=16, num_train_steps=6, warmup_steps=2, decay_steps=100,
-                       log_every=1, eval_every=3, checkpoint_every=3, num_slots=4, max_objects=3,
-                       first_eval_seconds=0))
+    config.update(
+        dict(
+            resolution=16,
+            batch_size=8,
+            eval_batch_size=8,
+            num_eval_examples=16,
+            encoder_features=16,
+            slot_size=16,
+            mlp_hidden_size=16,
+            num_train_steps=6,
+            warmup_steps=2,
+            decay_steps=100,
+            log_every=1,
+            eval_every=3,
+            checkpoint_every=3,
+            num_slots=4,
+            max_objects=3,
+            first_eval_seconds=0,
+        )
+    )
     if task == "discovery":
         config.decoder_features = 8
     else:

@@ -1,11 +1,11 @@
-"""Tests for slotjax.datasets, offline: CLEVR through TFDS mock data, DeepMind sets through small files.
+"""Tests for slotjax.data.datasets, offline: CLEVR through TFDS mock data, DeepMind sets through small files.
 
 CLEVR scenes mostly come from a fake TFDS reader (`tfds.testing.mock_data`)
 that honours split slicing and returns PNG bytes, as TFDS does when image
 decoding is skipped; one test reads a small real TFDS directory written by
 `store_clevr`. The DeepMind files are written here in the published format,
 from this file's own statement of it (`PUBLISHED_FEATURES`).
-`benchmarks/input_pipeline.py` reuses `store_clevr` and `write_records`.
+`benchmarks/pipeline.py` reuses `store_clevr` and `write_records`.
 """
 
 import functools
@@ -17,19 +17,19 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import splits as tfds_splits
 
-from slotjax import datasets
+from slotjax.data import datasets
 
 # ---------------------------------------------------------------------------- CLEVR (TFDS mock)
 
 CLEVR_SPLIT_SIZES = {"train": 520, "validation": 16, "test": 4}
-# SPEC section 3 one-hot orders, stated independently of the module.
-SPEC_ORDERS = {
+# The one-hot orders of docs/target_encoding.md, stated independently of the module.
+ENCODING_ORDERS = {
     "size": ("small", "large"),
     "material": ("rubber", "metal"),
     "shape": ("cube", "sphere", "cylinder"),
     "color": ("gray", "blue", "brown", "yellow", "red", "green", "purple", "cyan"),
 }
-SPEC_COLUMNS = {"size": 3, "material": 5, "shape": 7, "color": 10}
+ENCODING_COLUMNS = {"size": 3, "material": 5, "shape": 7, "color": 10}
 
 
 def clevr_image(index: int) -> np.ndarray:
@@ -53,10 +53,10 @@ def clevr_objects(split: str, index: int) -> list[dict]:
     return [
         {
             "3d_coords": [-3.0 + 6.0 * index / 1000 if k == 0 else 0.5 * k - 2.5, 0.25 * k - 1.0, 0.7],
-            "size": SPEC_ORDERS["size"][(index + k) % 2],
-            "material": SPEC_ORDERS["material"][(index // 2 + k) % 2],
-            "shape": SPEC_ORDERS["shape"][(index + k) % 3],
-            "color": SPEC_ORDERS["color"][(index + 3 * k) % 8],
+            "size": ENCODING_ORDERS["size"][(index + k) % 2],
+            "material": ENCODING_ORDERS["material"][(index // 2 + k) % 2],
+            "shape": ENCODING_ORDERS["shape"][(index + k) % 3],
+            "color": ENCODING_ORDERS["color"][(index + 3 * k) % 8],
         }
         for k in range(clevr_num_objects(split, index))
     ]
@@ -66,8 +66,10 @@ def fake_clevr_as_dataset(self, split, decoders=None, read_config=None, shuffle_
     """Stands in for the TFDS CLEVR reader: resolves `split` (slices, even splits) to scene indices."""
     assert isinstance(decoders["image"], tfds.decode.SkipDecoding)
     split_infos = tfds.core.SplitDict(
-        [tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0, filename_template=None)
-         for name, size in CLEVR_SPLIT_SIZES.items()]
+        [
+            tfds.core.SplitInfo(name=name, shard_lengths=[size], num_bytes=0, filename_template=None)
+            for name, size in CLEVR_SPLIT_SIZES.items()
+        ]
     )
     scenes = [
         (instruction.splitname, index)
@@ -86,8 +88,10 @@ def fake_clevr_as_dataset(self, split, decoders=None, read_config=None, shuffle_
                     "3d_coords": np.array([o["3d_coords"] for o in objects], np.float32).reshape(-1, 3),
                     "pixel_coords": np.zeros((len(objects), 3), np.float32),
                     "rotation": np.zeros(len(objects), np.float32),
-                    **{name: np.array([objects_feature[name].str2int(o[name]) for o in objects], np.int64)
-                       for name in SPEC_ORDERS},
+                    **{
+                        name: np.array([objects_feature[name].str2int(o[name]) for o in objects], np.int64)
+                        for name in ENCODING_ORDERS
+                    },
                 },
                 "question_answer": {"question": np.array([], object), "answer": np.array([], object)},
             }
@@ -99,25 +103,32 @@ def fake_clevr_as_dataset(self, split, decoders=None, read_config=None, shuffle_
 
 def store_clevr(data_dir: str, split_sizes: dict[str, int], image=clevr_image) -> None:
     """Writes a prepared TFDS clevr:3.1.0 (real TFDS files) of fake scenes, `image(index)` their pictures."""
+
     def examples(split, size):
         for index in range(size):
             objects = clevr_objects(split, index)
-            yield index, {
-                "image": image(index),
-                "file_name": f"CLEVR_{split}_{index:06d}.png",
-                "objects": {
-                    **{name: [o[name] for o in objects] for name in SPEC_ORDERS},
-                    "3d_coords": np.array([o["3d_coords"] for o in objects], np.float32).reshape(-1, 3),
-                    "pixel_coords": np.zeros((len(objects), 3), np.float32),
-                    "rotation": np.zeros(len(objects), np.float32),
+            yield (
+                index,
+                {
+                    "image": image(index),
+                    "file_name": f"CLEVR_{split}_{index:06d}.png",
+                    "objects": {
+                        **{name: [o[name] for o in objects] for name in ENCODING_ORDERS},
+                        "3d_coords": np.array([o["3d_coords"] for o in objects], np.float32).reshape(-1, 3),
+                        "pixel_coords": np.zeros((len(objects), 3), np.float32),
+                        "rotation": np.zeros(len(objects), np.float32),
+                    },
+                    "question_answer": [],
                 },
-                "question_answer": [],
-            }
+            )
 
     name, version = datasets.CLEVR_TFDS_NAME.split(":")
     tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=version, features=tfds.builder(datasets.CLEVR_TFDS_NAME, data_dir=data_dir).info.features,
-        split_datasets={split: examples(split, size) for split, size in split_sizes.items()}, data_dir=data_dir,
+        name=name,
+        version=version,
+        features=tfds.builder(datasets.CLEVR_TFDS_NAME, data_dir=data_dir).info.features,
+        split_datasets={split: examples(split, size) for split, size in split_sizes.items()},
+        data_dir=data_dir,
     )
 
 
@@ -133,13 +144,25 @@ def clevr_dir(tmp_path):
 
 def read_all(name, data_dir, split, *, task="discovery", resolution, batch_size=4, **kwargs):
     """Every batch of one unshuffled pass, concatenated per key."""
-    batches = list(datasets.make_dataset(name, data_dir, split, task=task, resolution=resolution,
-                                         batch_size=batch_size, shuffle=False, repeat=False, **kwargs))
+    batches = list(
+        datasets.make_dataset(
+            name,
+            data_dir,
+            split,
+            task=task,
+            resolution=resolution,
+            batch_size=batch_size,
+            shuffle=False,
+            repeat=False,
+            **kwargs,
+        )
+    )
     return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
 
 
 def bilinear_reference(image: np.ndarray, size: int) -> np.ndarray:
     """Half-pixel-centred bilinear resize without antialiasing, float64 numpy."""
+
     def weights(in_size):
         source = np.clip((np.arange(size) + 0.5) * in_size / size - 0.5, 0, in_size - 1)
         low = np.floor(source).astype(int)
@@ -178,8 +201,9 @@ def clevr_indices(targets: np.ndarray) -> list[int]:
 
 def test_clevr_train_eval_is_the_first_512_train_scenes_and_train_the_rest(clevr_dir):
     def indices(split):
-        return clevr_indices(read_all("clevr", clevr_dir, split, task="set_prediction", resolution=8,
-                                      batch_size=8)["target"])
+        return clevr_indices(
+            read_all("clevr", clevr_dir, split, task="set_prediction", resolution=8, batch_size=8)["target"]
+        )
 
     assert indices("train_eval") == list(range(512))  # set prediction keeps scenes of up to 10 objects
     assert indices("train") == list(range(512, 520))
@@ -195,8 +219,8 @@ def test_clevr_set_prediction_target_encoding_and_padding(clevr_dir):
         expected = np.zeros((10, 19), np.float32)
         for row, obj in zip(expected, objects):
             row[:3] = (np.array(obj["3d_coords"], np.float32) + 3) / 6
-            for name, first_column in SPEC_COLUMNS.items():
-                row[first_column + SPEC_ORDERS[name].index(obj[name])] = 1
+            for name, first_column in ENCODING_COLUMNS.items():
+                row[first_column + ENCODING_ORDERS[name].index(obj[name])] = 1
             row[18] = 1
         np.testing.assert_allclose(target, expected, rtol=0, atol=1e-6, err_msg=f"scene {index}")
     # Set prediction resizes the whole 320x480 image, without crop.
@@ -206,19 +230,28 @@ def test_clevr_set_prediction_target_encoding_and_padding(clevr_dir):
 
 def test_clevr_target_maps_class_labels_by_name():
     reversed_labels = tfds.features.FeaturesDict(
-        {name: tfds.features.ClassLabel(names=order[::-1]) for name, order in SPEC_ORDERS.items()})
-    objects = {"3d_coords": tf.constant([[3.0, -3.0, 0.0]]), **{name: tf.constant([0]) for name in SPEC_ORDERS}}
+        {name: tfds.features.ClassLabel(names=order[::-1]) for name, order in ENCODING_ORDERS.items()}
+    )
+    objects = {"3d_coords": tf.constant([[3.0, -3.0, 0.0]]), **{name: tf.constant([0]) for name in ENCODING_ORDERS}}
     target = datasets._clevr_target(objects, datasets._target_label_orders(reversed_labels)).numpy()
     np.testing.assert_allclose(target[0, :3], [1.0, 0.0, 0.5])
-    # Class 0 of each reversed feature is the last name of the SPEC order.
+    # Class 0 of each reversed feature is the last name of the encoding's order.
     assert np.flatnonzero(target[0]).tolist() == [0, 2, 4, 6, 9, 17, 18]
     np.testing.assert_array_equal(target[1:], 0)
 
 
 def test_clevr_processes_read_disjoint_shares_of_the_split(clevr_dir):
     shares = [
-        read_all("clevr", clevr_dir, "validation", task="set_prediction", resolution=8, batch_size=8,
-                 process_index=process, process_count=2)["target"]
+        read_all(
+            "clevr",
+            clevr_dir,
+            "validation",
+            task="set_prediction",
+            resolution=8,
+            batch_size=8,
+            process_index=process,
+            process_count=2,
+        )["target"]
         for process in range(2)
     ]
     indices = [set(clevr_indices(share)) for share in shares]
@@ -238,8 +271,16 @@ def test_clevr_reads_a_real_tfds_directory(tmp_path):
     matches = [[index for index, crop in crops.items() if np.abs(image - crop).max() < 1e-6] for image in images]
     assert sorted(matches) == [[0], [1], [2], [3]]  # scenes 0 to 3 have <= 6 objects
     shares = [
-        read_all("clevr", str(tmp_path), "validation", task="set_prediction", resolution=8, batch_size=1,
-                 process_index=process, process_count=2)["target"]
+        read_all(
+            "clevr",
+            str(tmp_path),
+            "validation",
+            task="set_prediction",
+            resolution=8,
+            batch_size=1,
+            process_index=process,
+            process_count=2,
+        )["target"]
         for process in range(2)
     ]
     assert len(shares[0]) == len(shares[1]) == 3
@@ -254,8 +295,12 @@ def test_missing_clevr_names_the_directory_and_how_to_get_it(tmp_path):
     with pytest.raises(datasets.DatasetNotFoundError) as error:
         datasets.make_dataset("clevr", str(tmp_path), "train", task="discovery", resolution=128, batch_size=64)
     message = str(error.value)
-    for expected in (str(tmp_path / "clevr" / "3.1.0"), f"tfds build clevr --data_dir={tmp_path}",
-                     "https://cs.stanford.edu/people/jcjohns/clevr/", "download=True"):
+    for expected in (
+        str(tmp_path / "clevr" / "3.1.0"),
+        f"tfds build clevr --data_dir={tmp_path}",
+        "https://cs.stanford.edu/people/jcjohns/clevr/",
+        "download=True",
+    ):
         assert expected in message
 
 
@@ -264,18 +309,21 @@ def test_missing_clevr_names_the_directory_and_how_to_get_it(tmp_path):
 # The published tf.train.Example features (multi_object_datasets readers): name -> (shape, kind).
 PUBLISHED_FEATURES = {
     "clevr_with_masks": {
-        "image": ([240, 320, 3], "bytes"), "mask": ([11, 240, 320, 1], "bytes"),
+        "image": ([240, 320, 3], "bytes"),
+        "mask": ([11, 240, 320, 1], "bytes"),
         **{name: ([11], "float") for name in ("x", "y", "z", "rotation", "visibility")},
         "pixel_coords": ([11, 3], "float"),
         **{name: ([11], "bytes") for name in ("size", "material", "shape", "color")},
     },
     "multi_dsprites": {
-        "image": ([64, 64, 3], "bytes"), "mask": ([64, 64, 6, 1], "bytes"),
+        "image": ([64, 64, 3], "bytes"),
+        "mask": ([64, 64, 6, 1], "bytes"),
         **{name: ([6], "float") for name in ("x", "y", "shape", "visibility", "orientation", "scale")},
         "color": ([6, 3], "float"),
     },
     "tetrominoes": {
-        "image": ([35, 35, 3], "bytes"), "mask": ([4, 35, 35, 1], "bytes"),
+        "image": ([35, 35, 3], "bytes"),
+        "mask": ([4, 35, 35, 1], "bytes"),
         **{name: ([4], "float") for name in ("x", "y", "shape", "visibility")},
         "color": ([4, 3], "float"),
     },
@@ -327,15 +375,19 @@ def write_records(name: str, directory, num_records: int) -> str:
             image, ids, num_objects = record_scene(name, index)
             entities = np.arange(num_entities(name))
             masks = np.where(ids[None] == entities[:, None, None], 255, 0).astype(np.uint8)[..., None]  # [E, H, W, 1]
-            values = {"image": image, "mask": masks.transpose(1, 2, 0, 3) if name == "multi_dsprites" else masks,
-                      "visibility": (entities <= num_objects).astype(np.float32)}
+            values = {
+                "image": image,
+                "mask": masks.transpose(1, 2, 0, 3) if name == "multi_dsprites" else masks,
+                "visibility": (entities <= num_objects).astype(np.float32),
+            }
             features = {}
             for feature, (shape, kind) in PUBLISHED_FEATURES[name].items():
                 value = values.get(feature, np.zeros(shape, np.uint8 if kind == "bytes" else np.float32))
                 assert list(value.shape) == shape, feature
                 if kind == "bytes":  # one single-byte string per element, as the published files
                     features[feature] = tf.train.Feature(
-                        bytes_list=tf.train.BytesList(value=[SINGLE_BYTES[v] for v in value.ravel().tolist()]))
+                        bytes_list=tf.train.BytesList(value=[SINGLE_BYTES[v] for v in value.ravel().tolist()])
+                    )
                 else:
                     features[feature] = tf.train.Feature(float_list=tf.train.FloatList(value=value.ravel()))
             writer.write(tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString())
@@ -389,8 +441,9 @@ def test_tetrominoes_resize_images_bilinearly_and_masks_nearest(tmp_path, small_
     write_records("tetrominoes", tmp_path, 8)
     batch = read_all("tetrominoes", str(tmp_path), "validation", resolution=64, batch_size=4)
     image, ids, _ = record_scene("tetrominoes", 0)
-    np.testing.assert_allclose(batch["image"][0], bilinear_reference(scaled(image).astype(np.float64), 64),
-                               rtol=0, atol=2e-6)
+    np.testing.assert_allclose(
+        batch["image"][0], bilinear_reference(scaled(image).astype(np.float64), 64), rtol=0, atol=2e-6
+    )
     nearest = np.floor((np.arange(64) + 0.5) * 35 / 64).astype(int)
     np.testing.assert_array_equal(batch["segmentation"][0], ids[nearest][:, nearest])
 
@@ -410,8 +463,17 @@ def test_record_splits_are_disjoint_index_ranges(tmp_path, small_splits):
 def test_processes_read_disjoint_shares_covering_the_split(tmp_path, small_splits):
     write_records("tetrominoes", tmp_path, 24)
     shares = [
-        record_indices(read_all("tetrominoes", str(tmp_path), "train", resolution=35, batch_size=2,
-                                process_index=process, process_count=2)["image"])
+        record_indices(
+            read_all(
+                "tetrominoes",
+                str(tmp_path),
+                "train",
+                resolution=35,
+                batch_size=2,
+                process_index=process,
+                process_count=2,
+            )["image"]
+        )
         for process in range(2)
     ]
     assert len(shares[0]) == len(shares[1]) == 8
@@ -422,8 +484,9 @@ def test_shuffling_is_seeded_and_batches_are_full(tmp_path, small_splits):
     write_records("tetrominoes", tmp_path, 20)
 
     def first_batches(seed):
-        batches = datasets.make_dataset("tetrominoes", str(tmp_path), "train", task="discovery", resolution=35,
-                                        batch_size=5, seed=seed)
+        batches = datasets.make_dataset(
+            "tetrominoes", str(tmp_path), "train", task="discovery", resolution=35, batch_size=5, seed=seed
+        )
         return [record_indices(next(batches)["image"]) for _ in range(4)]
 
     order = first_batches(seed=1)
@@ -440,12 +503,14 @@ def test_files_in_a_subdirectory_named_after_the_data_set_are_found(tmp_path, sm
 
 def test_missing_file_names_it_and_the_bucket(tmp_path):
     with pytest.raises(datasets.DatasetNotFoundError) as error:
-        datasets.make_dataset("multi_dsprites", str(tmp_path), "train", task="discovery", resolution=64,
-                              batch_size=64)
+        datasets.make_dataset("multi_dsprites", str(tmp_path), "train", task="discovery", resolution=64, batch_size=64)
     message = str(error.value)
-    for expected in ("multi_dsprites_colored_on_grayscale.tfrecords", str(tmp_path),
-                     "gsutil cp gs://multi-object-datasets/multi_dsprites/multi_dsprites_colored_on_grayscale.tfrecords",
-                     "https://github.com/google-deepmind/multi_object_datasets"):
+    for expected in (
+        "multi_dsprites_colored_on_grayscale.tfrecords",
+        str(tmp_path),
+        "gsutil cp gs://multi-object-datasets/multi_dsprites/multi_dsprites_colored_on_grayscale.tfrecords",
+        "https://github.com/google-deepmind/multi_object_datasets",
+    ):
         assert expected in message
 
 
@@ -455,8 +520,16 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, small_splits):
         data = file.read()
     with open(path, "wb") as file:
         file.write(data[: len(data) // 2])
-    batches = datasets.make_dataset("tetrominoes", str(tmp_path), "train", task="discovery", resolution=32,
-                                    batch_size=2, shuffle=False, repeat=False)  # reads through the whole file
+    batches = datasets.make_dataset(
+        "tetrominoes",
+        str(tmp_path),
+        "train",
+        task="discovery",
+        resolution=32,
+        batch_size=2,
+        shuffle=False,
+        repeat=False,
+    )  # reads through the whole file
     with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):
         list(batches)
 
@@ -464,9 +537,18 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, small_splits):
 def test_records_of_another_format_are_reported_with_the_file_name(tmp_path, small_splits):
     # objects_room records (64x64, 7 masks) under the tetrominoes name do not parse as tetrominoes.
     (tmp_path / PUBLISHED_FILES["tetrominoes"]).write_bytes(
-        open(write_records("objects_room", tmp_path, 4), "rb").read())
-    batches = datasets.make_dataset("tetrominoes", str(tmp_path), "validation", task="discovery", resolution=32,
-                                    batch_size=2, shuffle=False, repeat=False)
+        open(write_records("objects_room", tmp_path, 4), "rb").read()
+    )
+    batches = datasets.make_dataset(
+        "tetrominoes",
+        str(tmp_path),
+        "validation",
+        task="discovery",
+        resolution=32,
+        batch_size=2,
+        shuffle=False,
+        repeat=False,
+    )
     with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):
         next(batches)
 
@@ -482,14 +564,22 @@ def test_argument_errors():
 
 def test_training_runs_on_a_deepmind_file_with_fg_ari(tmp_path, small_splits):
     """train_and_evaluate on multi_dsprites records: ground-truth masks feed FG-ARI."""
-    from slotjax import trainer
+    from slotjax.train import trainer
     from tests.conftest import tiny_config
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     write_records("multi_dsprites", data_dir, 24)
-    config = tiny_config(dataset="multi_dsprites", data_dir=str(data_dir), num_train_steps=2, eval_every=2,
-                         checkpoint_every=2, eval_batch_size=4, num_eval_examples=4, batch_size=4)
+    config = tiny_config(
+        dataset="multi_dsprites",
+        data_dir=str(data_dir),
+        num_train_steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+        eval_batch_size=4,
+        num_eval_examples=4,
+        batch_size=4,
+    )
     results = trainer.train_and_evaluate(config, str(tmp_path / "run"), print_fn=lambda line: None)
     assert {"fg_ari", "ari", "mse"} <= set(results) and np.isfinite(results["fg_ari"])
 
@@ -500,9 +590,18 @@ def test_train_py_reports_a_missing_data_set_in_one_message(tmp_path):
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, os.path.join(repo, "train.py"), "--config.dataset=tetrominoes",
-         f"--config.data_dir={tmp_path}", f"--workdir={tmp_path / 'run'}", "--config.resolution=32"],
-        capture_output=True, text=True, timeout=300, cwd=repo,
+        [
+            sys.executable,
+            os.path.join(repo, "train.py"),
+            "--config.dataset=tetrominoes",
+            f"--config.data_dir={tmp_path}",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.resolution=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
     )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr

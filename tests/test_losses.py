@@ -1,4 +1,4 @@
-"""Tests for slotjax.losses: Huber cost, Hungarian matching and the set loss."""
+"""Tests for slotjax.train.losses: Huber cost, Hungarian matching and the set loss."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slotjax import losses
+from slotjax.train import losses
 
 
 def _huber(x):
@@ -65,9 +65,7 @@ def test_matching_recovers_permutation_and_loss_is_zero():
     predictions = rng.random((batch_size, num_slots, 19)).astype(np.float32) + 5.0
     np.put_along_axis(predictions, slot_of_target[..., None], targets, axis=1)
 
-    target_indices, prediction_indices = losses.hungarian_matching(
-        jnp.asarray(predictions), jnp.asarray(targets)
-    )
+    target_indices, prediction_indices = losses.hungarian_matching(jnp.asarray(predictions), jnp.asarray(targets))
     np.testing.assert_array_equal(target_indices, np.tile(np.arange(num_objects), (batch_size, 1)))
     np.testing.assert_array_equal(prediction_indices, slot_of_target)
     assert losses.hungarian_huber_loss(jnp.asarray(predictions), jnp.asarray(targets)) == 0.0

@@ -1,4 +1,4 @@
-"""Tests for slotjax.metrics: ARI / FG-ARI against scikit-learn, AP against SPEC."""
+"""Tests for slotjax.train.metrics: ARI / FG-ARI against scikit-learn, AP as docs/average_precision.md defines it."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from slotjax import metrics
+from slotjax.train import metrics
 
 # ---------------------------------------------------------------------------
 # ARI / FG-ARI.
@@ -38,9 +38,7 @@ def _noisy_labelling(rng, true_ids, num_pred_ids, noise):
     "seed, num_pixels, num_true_ids, num_pred_ids",
     [(0, 10, 2, 3), (1, 64, 5, 7), (2, 300, 11, 7), (3, 1024, 4, 11)],
 )
-def test_ari_matches_sklearn_on_random_labellings(
-    seed, num_pixels, num_true_ids, num_pred_ids, ignore_background
-):
+def test_ari_matches_sklearn_on_random_labellings(seed, num_pixels, num_true_ids, num_pred_ids, ignore_background):
     rng = np.random.default_rng(seed)
     batch_size = 6
     true_ids = rng.integers(0, num_true_ids, (batch_size, num_pixels))
@@ -80,9 +78,7 @@ def test_fg_ari_edge_cases():
             [3, 3, 3, 0, 0, 0],  # one object, split over slots
         ]
     )
-    pred_ids = jnp.array(
-        [[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], [6, 6, 2, 2, 6, 0], [0, 0, 1, 0, 0, 0]]
-    )
+    pred_ids = jnp.array([[0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], [6, 6, 2, 2, 6, 0], [0, 0, 1, 0, 0, 0]])
     scores = np.asarray(metrics.fg_ari(true_ids, pred_ids, 4, 7))
     assert np.isnan(scores[0])
     np.testing.assert_allclose(scores[1:], [1.0, 1.0, 0.0], atol=1e-6)
@@ -116,7 +112,7 @@ def test_fg_ari_from_masks_with_more_slots_than_objects_under_jit():
 
 
 def _encode_object(coords, size, material, shape, colour, present=1.0):
-    """19-value encoding of SPEC section 3 from scene coordinates and class indices."""
+    """The 19-value encoding (docs/target_encoding.md) from scene coordinates and class indices."""
     return np.concatenate(
         [
             (np.asarray(coords, float) + 3.0) / 6.0,
@@ -129,7 +125,8 @@ def _encode_object(coords, size, material, shape, colour, present=1.0):
     )
 
 
-def test_average_precision_spec_worked_example():
+def test_average_precision_worked_example():
+    """The example worked through in docs/average_precision.md."""
     object_a = ((0.0, 0.0, 0.35), 0, 0, 0, 0)
     object_b = ((1.0, -1.0, 0.7), 1, 1, 1, 1)
     object_c = ((2.0, 2.0, 0.35), 0, 1, 2, 7)
@@ -176,8 +173,8 @@ def test_average_precision_spec_worked_example():
 
 
 def _brute_force_average_precision(predictions, targets, distance_threshold, stable_ranking=False):
-    """Loop version of the official AP: pooled predictions ranked by np.argsort(scores)[::-1] (or, to show that the
-    ranking matters, by a stable descending sort), greedy claiming, then VOC all-point area."""
+    """Loop version of the AP of docs/average_precision.md: pooled predictions ranked by np.argsort(scores)[::-1]
+    (or, to show that the ranking matters, by a stable descending sort), greedy claiming, then VOC all-point area."""
     num_images, num_slots, _ = predictions.shape
     attribute_bounds = [(3, 5), (5, 7), (7, 10), (10, 18)]
 
@@ -198,9 +195,7 @@ def _brute_force_average_precision(predictions, targets, distance_threshold, sta
             distance = 6.0 * np.sqrt(np.sum((target[:3] - prediction[:3]) ** 2))
             if best_distance is None or distance < best_distance:
                 best_target, best_distance = index, distance
-        within = best_target is not None and (
-            distance_threshold is None or best_distance < distance_threshold
-        )
+        within = best_target is not None and (distance_threshold is None or best_distance < distance_threshold)
         is_hit = within and (image, best_target) not in claimed
         if is_hit:
             claimed.add((image, best_target))
@@ -265,10 +260,15 @@ def test_average_precision_ranks_tied_scores_as_the_official_evaluation():
     target = ((0.0, 0.0, 0.35), 0, 1, 2, 3)
     other = ((-2.0, 1.0, 0.7), 1, 0, 1, 5)
     targets = np.stack([[_encode_object(*target), np.zeros(19)], [_encode_object(*other), np.zeros(19)]])
-    predictions = np.stack([
-        [_encode_object((0.1, 0.0, 0.35), 0, 1, 2, 3), _encode_object((0.4, 0.0, 0.35), 0, 1, 2, 3)],  # near, far
-        [_encode_object((-2.0, 1.2, 0.7), 1, 0, 1, 5), _encode_object((-2.0, 1.0, 0.7), 0, 0, 1, 5)],  # hit, wrong size
-    ]).astype(np.float32)  # all confidences 1; float32 as the model's outputs, which the official code sorts
+    predictions = np.stack(
+        [
+            [_encode_object((0.1, 0.0, 0.35), 0, 1, 2, 3), _encode_object((0.4, 0.0, 0.35), 0, 1, 2, 3)],  # near, far
+            [
+                _encode_object((-2.0, 1.2, 0.7), 1, 0, 1, 5),
+                _encode_object((-2.0, 1.0, 0.7), 0, 0, 1, 5),
+            ],  # hit, wrong size
+        ]
+    ).astype(np.float32)  # all confidences 1; float32 as the model's outputs, which the official code sorts
     results = metrics.average_precision_at_thresholds(predictions, targets)
     for threshold in metrics.AP_THRESHOLDS:
         expected = _brute_force_average_precision(predictions, targets, threshold)

@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 import slotjax
-from slotjax.modules import dense
+from slotjax import kernels
+from slotjax.kernels import cpu, xla
+from slotjax.nn.layers import layer_norm
 
 
 @pytest.fixture
@@ -58,7 +60,11 @@ def test_jit_compiles_once_per_shape(module):
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(inputs=np.zeros((2, 10, 7), np.float32)), ValueError, r"inputs has shape \(2, 10, 7\); expected .* 8 features"),
+        (
+            dict(inputs=np.zeros((2, 10, 7), np.float32)),
+            ValueError,
+            r"inputs has shape \(2, 10, 7\); expected .* 8 features",
+        ),
         (dict(inputs=np.zeros((10, 8), np.float32)), ValueError, r"inputs has shape \(10, 8\)"),
         (dict(inputs=np.zeros((2, 10, 8), np.int32)), TypeError, "floating dtype"),
         (dict(num_slots=0), ValueError, "num_slots must be an integer >= 1"),
@@ -82,10 +88,10 @@ def test_bad_constructor_arguments():
 
 @pytest.mark.parametrize("shape", [(3, 5, 8), (64, 32), (2, 3, 4, 16)])
 def test_layer_norm_equals_flax_values_and_gradients(shape):
-    """`modules.LayerNorm` (row statistics as matrix-vector products on CPU) is `nnx.LayerNorm`."""
+    """`layers.LayerNorm` (through `kernels.layer_norm`) is `nnx.LayerNorm`."""
     keys = jax.random.split(jax.random.key(shape[-1] + len(shape)), 4)
     inputs = 3.0 * jax.random.normal(keys[0], shape) + 1.5
-    ours = slotjax.modules.layer_norm(shape[-1], 1e-3, nnx.Rngs(0))
+    ours = layer_norm(shape[-1], 1e-3, nnx.Rngs(0))
     ours.scale[...] = jax.random.normal(keys[1], (shape[-1],))
     ours.bias[...] = jax.random.normal(keys[2], (shape[-1],))
     flax_norm = nnx.LayerNorm(shape[-1], epsilon=1e-3, rngs=nnx.Rngs(0))
@@ -105,18 +111,44 @@ def test_layer_norm_equals_flax_values_and_gradients(shape):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_dense_transposed_is_the_adjoint(dtype):
-    """<layer(x), y> = <x, layer.transposed(y)>: how Slot Attention reads its keys and values off the inputs."""
-    layer = dense(8, 5, nnx.Rngs(0), use_bias=False)
-    layer.dtype = dtype
-    inputs, outputs = jax.random.normal(jax.random.key(1), (2, 7, 8)), jax.random.normal(jax.random.key(2), (2, 7, 5))
-    assert layer.transposed(outputs).shape == (2, 7, 8) and layer.transposed(outputs).dtype == dtype
+def test_attention_without_keys_and_values_equals_the_textbook_form(dtype):
+    """The CPU form of the attention step (no keys or values formed) against Algorithm 1's q, k, v form:
+    attention and updates, and their gradients w.r.t. queries, inputs and both projections."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    queries = jax.random.normal(keys[0], (2, 5, 16)).astype(dtype)
+    inputs = jax.random.normal(keys[1], (2, 30, 8))
+    key_kernel, value_kernel = (0.3 * jax.random.normal(key, (8, 16)).astype(dtype) for key in keys[2:4])
+    cotangents = (jax.random.normal(keys[4], (2, 5, 30)), jax.random.normal(keys[5], (2, 5, 16)).astype(dtype))
+
+    def vjp(form):
+        outputs, pullback = jax.vjp(lambda *arrays: form(*arrays, 1e-8), queries, inputs, key_kernel, value_kernel)
+        return *outputs, *pullback(cotangents)
+
     tolerance = 1e-5 if dtype == jnp.float32 else 3e-2
-    np.testing.assert_allclose(float(jnp.vdot(layer(inputs).astype(jnp.float32), outputs)),
-                               float(jnp.vdot(inputs, layer.transposed(outputs).astype(jnp.float32))),
-                               rtol=tolerance)
+    for got, expected in zip(vjp(cpu.attention), vjp(xla.attention), strict=True):
+        assert got.dtype == expected.dtype
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32),
+            np.asarray(expected, np.float32),
+            rtol=tolerance,
+            atol=tolerance * float(np.abs(np.asarray(expected, np.float32)).max()),
+        )
 
 
-def test_dense_transposed_refuses_a_layer_with_bias():
-    with pytest.raises(ValueError, match="has a bias"):
-        dense(4, 4, nnx.Rngs(0)).transposed(jnp.ones((2, 4)))
+def test_layer_norm_cpu_form_equals_the_reference():
+    rows = 2.0 * jax.random.normal(jax.random.key(0), (64, 24)) + 0.5
+    scale, bias = jax.random.normal(jax.random.key(1), (24,)), jax.random.normal(jax.random.key(2), (24,))
+    cotangent = jax.random.normal(jax.random.key(3), (64, 24))
+    ours = jax.vjp(lambda *arrays: cpu.layer_norm(*arrays, 1e-3), rows, scale, bias)
+    reference = jax.vjp(lambda *arrays: xla.layer_norm(*arrays, 1e-3), rows, scale, bias)
+    np.testing.assert_allclose(ours[0], reference[0], rtol=1e-5, atol=1e-5)
+    for got, expected in zip(ours[1](cotangent), reference[1](cotangent), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["cpu", "reference"])
+def test_slot_attention_gives_the_same_slots_in_both_kernel_forms(module, form):
+    inputs = jax.random.normal(jax.random.key(0), (2, 10, 8))
+    with kernels.use_forms(form):
+        slots = module(inputs, key=jax.random.key(1))
+    np.testing.assert_allclose(slots, module(inputs, key=jax.random.key(1)), rtol=1e-5, atol=1e-5)

@@ -1,10 +1,11 @@
-"""Tests for slotjax.scenes: determinism, rendering, target encoding, splits."""
+"""Tests for slotjax.data.scenes: determinism, rendering, target encoding, splits."""
 
 import numpy as np
 import pytest
 
-from slotjax import scenes as scenes_lib
-from slotjax.scenes import MAX_OBJECTS_TARGET, SPLITS, Scenes, split_indices
+from slotjax.data import scenes as scenes_lib
+from slotjax.data.encoding import MAX_OBJECTS
+from slotjax.data.scenes import SPLITS, Scenes, split_indices
 
 NUM_SCENES = 300
 # Target column groups: size, material, shape, colour.
@@ -38,7 +39,7 @@ def test_batch_equals_scenes_made_one_at_a_time():
     assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.uint8
     assert batch["segmentation"].shape == (4, 32, 32)
     assert batch["segmentation"].dtype == np.uint8
-    assert batch["target"].shape == (4, MAX_OBJECTS_TARGET, 19)
+    assert batch["target"].shape == (4, MAX_OBJECTS, 19)
     assert batch["target"].dtype == np.float32
     assert batch["num_objects"].dtype == np.int32
     for k, index in enumerate(indices):
@@ -147,12 +148,8 @@ def test_splits_are_disjoint_and_train_eval_is_part_of_train():
 
     np.testing.assert_array_equal(split_indices("test", [0, 9_999]), [0, 9_999])
     np.testing.assert_array_equal(split_indices("validation", [0]), [validation[0]])
-    np.testing.assert_array_equal(
-        split_indices("train", np.array([0, 10**9])), [train[0], train[0] + 10**9]
-    )
-    np.testing.assert_array_equal(
-        split_indices("train_eval", np.arange(3)), train_eval[0] + np.arange(3)
-    )
+    np.testing.assert_array_equal(split_indices("train", np.array([0, 10**9])), [train[0], train[0] + 10**9])
+    np.testing.assert_array_equal(split_indices("train_eval", np.arange(3)), train_eval[0] + np.arange(3))
 
 
 def test_split_errors():

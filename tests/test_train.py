@@ -10,7 +10,10 @@ import pytest
 import torch
 
 import torch_reference
-from slotjax import convert, input_pipeline, losses, trainer, visualize
+from slotjax import convert, visualize
+from slotjax.data import pipeline
+from slotjax.train import checkpoints, losses, trainer
+from slotjax.train import step as steps
 from tests.conftest import tiny_config
 
 
@@ -28,7 +31,11 @@ def test_training_writes_metrics_events_pictures_and_checkpoints(tmp_path, task)
     assert all(np.isfinite(row["loss"]) for row in train_rows)
     eval_rows = read_metrics(tmp_path, "validation")
     assert [row["step"] for row in eval_rows] == [3, 6]
-    expected = {"loss", "fg_ari", "ari", "mse"} if task == "discovery" else {"loss", "ap_inf", "ap_1", "ap_0.5", "ap_0.25", "ap_0.125"}
+    expected = (
+        {"loss", "fg_ari", "ari", "mse"}
+        if task == "discovery"
+        else {"loss", "ap_inf", "ap_1", "ap_0.5", "ap_0.25", "ap_0.125"}
+    )
     assert expected <= set(eval_rows[-1]) and expected <= set(results)
     assert sorted(os.listdir(tmp_path / "images")) == ["validation_step_0000003.png", "validation_step_0000006.png"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path))
@@ -64,7 +71,9 @@ def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     lines = []
-    trainer.train_and_evaluate(config, str(tmp_path / "stopped"), print_fn=lambda line: (lines.append(line), interrupt_after_step_4(line)))
+    trainer.train_and_evaluate(
+        config, str(tmp_path / "stopped"), print_fn=lambda line: (lines.append(line), interrupt_after_step_4(line))
+    )
     assert any("Received SIGINT" in line for line in lines)
     assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["4"]
     lines.clear()
@@ -82,26 +91,31 @@ def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path), print_fn=lambda line: None)
     with pytest.raises(trainer.TrainingError, match=r"belongs to another model \(num_slots: checkpoint 4 vs now 5\)"):
-        trainer.train_and_evaluate(tiny_config(num_train_steps=6, num_slots=5), str(tmp_path), print_fn=lambda line: None)
+        trainer.train_and_evaluate(
+            tiny_config(num_train_steps=6, num_slots=5), str(tmp_path), print_fn=lambda line: None
+        )
 
 
 @pytest.mark.parametrize("dataset, most_objects", [("scenes", 3), ("clevr", 10)])
 def test_set_prediction_refuses_fewer_slots_than_objects(dataset, most_objects):
     """The Hungarian matching of K slots against more objects would leave objects unmatched."""
     config = tiny_config("set_prediction", dataset=dataset, max_objects=3, num_slots=2)
-    with pytest.raises(ValueError, match=rf"num_slots=2 is below the {most_objects} objects a scene of '{dataset}' "
-                                         rf"may hold.*--config.num_slots >= {most_objects}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"num_slots=2 is below the {most_objects} objects a scene of '{dataset}' "
+        rf"may hold.*--config.num_slots >= {most_objects}",
+    ):
         trainer.Trainer(config)
 
 
 def test_set_prediction_with_as_many_slots_as_objects_matches_the_first_rows():
     """3 slots on scenes of at most 3 objects: the loss is the set loss against the first 3 target rows."""
     run = trainer.Trainer(tiny_config("set_prediction", num_slots=3, max_objects=3, min_objects=3))
-    batch = next(input_pipeline.train_batches(run.config, 0, 0, 1))
+    batch = next(pipeline.train_batches(run.config, 0, 0, 1))
     outputs = run.model(run.initial_params)(batch["image"], key=jax.random.key(0))
     assert outputs["predictions"].shape[1] == 3 and batch["target"].shape[1] == 10
     assert np.all(batch["target"][:, 3:] == 0) and np.all(batch["target"][:, :3, 18] == 1)
-    loss = trainer.compute_loss("set_prediction", outputs, batch)
+    loss = steps.compute_loss("set_prediction", outputs, batch)
     np.testing.assert_allclose(loss, losses.hungarian_huber_loss(outputs["predictions"], batch["target"][:, :3]))
 
 
@@ -117,18 +131,22 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
     weights = str(tmp_path / "model.safetensors")
     convert.main(["--workdir", workdir, "--output", weights])
     reference = torch_reference.load_model(weights)
-    manager = trainer.checkpoint_manager(workdir)
+    manager = checkpoints.checkpoint_manager(workdir)
     run = trainer.Trainer(config)
-    state = trainer.restore_checkpoint(manager, run.initial_state(), config)
+    state = checkpoints.restore_checkpoint(manager, run.initial_state(), config)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     initial = np.random.default_rng(1).normal(size=(2, 4, 16)).astype(np.float32)
     ours = run.model(state.params)(jax.numpy.asarray(images), initial_slots=initial)["reconstruction"]
     with torch.no_grad():
-        theirs = reference(torch.tensor(images).permute(0, 3, 1, 2), initial_slots=torch.tensor(initial))["reconstruction"]
+        theirs = reference(torch.tensor(images).permute(0, 3, 1, 2), initial_slots=torch.tensor(initial))[
+            "reconstruction"
+        ]
     np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
 
     # and back: safetensors -> a checkpoint with the same parameters
     convert.main(["--input", weights, "--output", str(tmp_path / "back")])
-    back = trainer.restore_checkpoint(trainer.checkpoint_manager(str(tmp_path / "back")), run.initial_state(), config)
+    back = checkpoints.restore_checkpoint(
+        checkpoints.checkpoint_manager(str(tmp_path / "back")), run.initial_state(), config
+    )
     for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

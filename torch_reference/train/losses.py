@@ -1,6 +1,6 @@
 """PyTorch reference losses: Hungarian-matched Huber loss and MSE.
 
-Independent of `slotjax.losses`: the assignment is solved on the host with
+Independent of `slotjax.train.losses`: the assignment is solved on the host with
 scipy's `linear_sum_assignment` on the detached cost matrices; gradients flow
 through the matched costs.
 """
@@ -18,9 +18,7 @@ def pairwise_huber_cost(predictions: torch.Tensor, targets: torch.Tensor) -> tor
     num_targets, num_predictions = targets.shape[1], predictions.shape[1]
     expanded_targets = targets[:, :, None, :].expand(-1, -1, num_predictions, -1)
     expanded_predictions = predictions[:, None, :, :].expand(-1, num_targets, -1, -1)
-    elementwise = F.huber_loss(
-        expanded_predictions, expanded_targets, reduction="none", delta=1.0
-    )  # [B, M, K, D]
+    elementwise = F.huber_loss(expanded_predictions, expanded_targets, reduction="none", delta=1.0)  # [B, M, K, D]
     return elementwise.mean(dim=-1)
 
 
@@ -31,9 +29,7 @@ def optimal_assignment(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(row_indices), torch.from_numpy(col_indices)
 
 
-def hungarian_matching(
-    predictions: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def hungarian_matching(predictions: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(target_indices, prediction_indices), each [B, min(M, K)], of the optimal matching."""
     return optimal_assignment(pairwise_huber_cost(predictions, targets))
 

@@ -2,7 +2,7 @@
 
 ``make_dataset(name, data_dir, split, task=..., resolution=..., batch_size=...)``
 returns an endless (or, with ``repeat=False``, a single pass) iterator of
-dicts, the same keys as the embedded scenes (``slotjax.scenes``):
+dicts, the same keys as the embedded scenes (``slotjax.data.scenes``):
 
 - ``image``: float32 [B, R, R, 3] in [-1, 1], ``(x / 255 - 0.5) * 2``, resized
   bilinearly without antialiasing (as TF's and the official code's
@@ -10,8 +10,8 @@ dicts, the same keys as the embedded scenes (``slotjax.scenes``):
 - ``segmentation``: int32 [B, R, R], per-pixel entity id (0 = background), for
   the data sets with masks: the argmax over the entity axis of the 0/255
   masks, cropped like the image and resized with nearest neighbour;
-- ``target``: float32 [B, 10, 19], set prediction on ``clevr`` only (SPEC
-  section 3 encoding, rows past the last object all zero).
+- ``target``: float32 [B, 10, 19], set prediction on ``clevr`` only
+  (``slotjax.data.encoding``, rows past the last object all zero).
 
 ``batch_size`` is the batch of this process; each of ``process_count``
 processes reads a disjoint share of the split. Batches are always full (the
@@ -28,8 +28,8 @@ Data sets (``data_dir`` is where they live, locally or on ``gs://``):
   images and is not centred on CLEVR's 320x480). Set prediction keeps all
   scenes (<= 10 objects), resizes the whole image (no crop) and encodes each
   object as 3-D coordinates ``(c + 3) / 6``, one-hot size, material, shape and
-  colour in the orders of ``slotjax.scenes`` (TFDS's class labels are mapped by
-  name) and 1 for present. The test split has no objects, so it serves
+  colour in the orders of ``slotjax.data.encoding`` (TFDS's class labels are
+  mapped by name) and 1 for present. The test split has no objects, so it serves
   discovery only (CLEVR6 filtering keeps all its scenes).
 - DeepMind multi-object data sets (github.com/google-deepmind/multi_object_datasets):
   one GZIP TFRecord file each, in ``data_dir`` or ``data_dir/<name>/``, of
@@ -80,7 +80,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from slotjax.scenes import COLOURS, MATERIALS, MAX_OBJECTS_TARGET, SHAPES, SIZES, TARGET_SIZE  # noqa: E402
+from slotjax import TASKS  # noqa: E402
+from slotjax.data.encoding import COLOURS, MATERIALS, MAX_OBJECTS, OBJECT_SIZE, SHAPES, SIZES  # noqa: E402
 
 try:
     tf.config.set_visible_devices([], "GPU")  # leave the accelerator to JAX
@@ -88,7 +89,6 @@ except RuntimeError:  # TF already initialised its devices elsewhere
     pass
 
 DATASETS = ("clevr", "clevr_with_masks", "multi_dsprites", "tetrominoes", "objects_room")
-TASKS = ("discovery", "set_prediction")
 SPLITS = ("train", "train_eval", "validation", "test")
 
 CLEVR_TFDS_NAME = "clevr:3.1.0"
@@ -149,17 +149,26 @@ def _entity_floats(entities: int, scalars: tuple[str, ...], triples: tuple[str, 
 
 RECORD_FORMATS = {
     "clevr_with_masks": RecordFormat(
-        "clevr_with_masks_train.tfrecords", (240, 320), 11,
+        "clevr_with_masks_train.tfrecords",
+        (240, 320),
+        11,
         _entity_floats(11, ("x", "y", "z", "rotation", "visibility"), ("pixel_coords",)),
-        byte_attributes=("size", "material", "shape", "color"), crop=True, max_objects=CLEVR6_MAX_OBJECTS,
+        byte_attributes=("size", "material", "shape", "color"),
+        crop=True,
+        max_objects=CLEVR6_MAX_OBJECTS,
     ),
     "multi_dsprites": RecordFormat(
-        "multi_dsprites_colored_on_grayscale.tfrecords", (64, 64), 6,
+        "multi_dsprites_colored_on_grayscale.tfrecords",
+        (64, 64),
+        6,
         _entity_floats(6, ("x", "y", "shape", "visibility", "orientation", "scale"), ("color",)),
         masks_entities_last=True,
     ),
     "tetrominoes": RecordFormat(
-        "tetrominoes_train.tfrecords", (35, 35), 4, _entity_floats(4, ("x", "y", "shape", "visibility"), ("color",)),
+        "tetrominoes_train.tfrecords",
+        (35, 35),
+        4,
+        _entity_floats(4, ("x", "y", "shape", "visibility"), ("color",)),
     ),
     "objects_room": RecordFormat("objects_room_train.tfrecords", (64, 64), 7),
 }
@@ -190,7 +199,9 @@ def make_dataset(
     (while iterating) when they do not read.
     """
     if name not in DATASETS:
-        raise ValueError(f"Unknown data set {name!r}; use one of {', '.join(DATASETS)} (or 'scenes', the embedded one).")
+        raise ValueError(
+            f"Unknown data set {name!r}; use one of {', '.join(DATASETS)} (or 'scenes', the embedded one)."
+        )
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
     if split not in SPLITS:
@@ -260,8 +271,15 @@ def _preprocess(image: tf.Tensor, segmentation: tf.Tensor | None, crop: bool, re
 
 
 def _clevr_examples(
-    data_dir: str, split: str, task: str, resolution: int, shuffle: bool, seed: int,
-    process_index: int, process_count: int, download: bool,
+    data_dir: str,
+    split: str,
+    task: str,
+    resolution: int,
+    shuffle: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    download: bool,
 ) -> tuple[tf.data.Dataset, str]:
     """Preprocessed CLEVR examples of this process's share of `split`, and their directory."""
     if task == "set_prediction" and split == "test":
@@ -294,7 +312,7 @@ def _clevr_examples(
         decoders={"image": tfds.decode.SkipDecoding()},  # decode only the scenes kept
         read_config=tfds.ReadConfig(shuffle_seed=seed),
     )
-    max_objects = CLEVR6_MAX_OBJECTS if task == "discovery" else MAX_OBJECTS_TARGET
+    max_objects = CLEVR6_MAX_OBJECTS if task == "discovery" else MAX_OBJECTS
     examples = examples.filter(lambda example: tf.shape(example["objects"]["3d_coords"])[0] <= max_objects)
     features = builder.info.features
     label_orders = _target_label_orders(features["objects"].feature)
@@ -318,22 +336,28 @@ def _target_label_orders(objects_features: tfds.features.FeaturesDict) -> dict[s
 
 
 def _clevr_target(objects: dict[str, tf.Tensor], label_orders: dict[str, tf.Tensor]) -> tf.Tensor:
-    """Float32 [10, 19] set prediction target (SPEC section 3) of one scene's objects."""
+    """Float32 [10, 19] set prediction target (`slotjax.data.encoding`) of one scene's objects."""
     columns = [(objects["3d_coords"] + 3.0) / 6.0]
     for feature, order in TARGET_PROPERTIES:
         columns.append(tf.one_hot(tf.gather(label_orders[feature], objects[feature]), len(order)))
     num_objects = tf.shape(columns[0])[0]
     columns.append(tf.ones([num_objects, 1]))
-    target = tf.pad(tf.concat(columns, axis=1), [[0, MAX_OBJECTS_TARGET - num_objects], [0, 0]])
-    return tf.ensure_shape(target, [MAX_OBJECTS_TARGET, TARGET_SIZE])
+    target = tf.pad(tf.concat(columns, axis=1), [[0, MAX_OBJECTS - num_objects], [0, 0]])
+    return tf.ensure_shape(target, [MAX_OBJECTS, OBJECT_SIZE])
 
 
 # DeepMind multi-object data sets (TFRecord) ---------------------------------
 
 
 def _record_examples(
-    record_format: RecordFormat, name: str, data_dir: str, split: str, resolution: int,
-    process_index: int, process_count: int, download: bool,
+    record_format: RecordFormat,
+    name: str,
+    data_dir: str,
+    split: str,
+    resolution: int,
+    process_index: int,
+    process_count: int,
+    download: bool,
 ) -> tuple[tf.data.Dataset, str]:
     """Preprocessed examples of this process's share of `split` of one DeepMind file, and the file."""
     path = _record_file(record_format, name, data_dir, download)
@@ -346,8 +370,10 @@ def _record_examples(
         # Parsing `visibility` alone is ~60x cheaper than the whole record (a million one-byte strings).
         visibility_spec = {"visibility": record_format.feature_spec()["visibility"]}
         records = records.filter(
-            lambda record: tf.math.count_nonzero(tf.io.parse_single_example(record, visibility_spec)["visibility"][1:])
-            <= record_format.max_objects
+            lambda record: (
+                tf.math.count_nonzero(tf.io.parse_single_example(record, visibility_spec)["visibility"][1:])
+                <= record_format.max_objects
+            )
         )
 
     def preprocess(record):
@@ -360,7 +386,10 @@ def _record_examples(
 
 def _record_file(record_format: RecordFormat, name: str, data_dir: str, download: bool) -> str:
     """The data set's file in `data_dir` (or `data_dir/name/`), fetched from the bucket if asked."""
-    candidates = [os.path.join(data_dir, record_format.file_name), os.path.join(data_dir, name, record_format.file_name)]
+    candidates = [
+        os.path.join(data_dir, record_format.file_name),
+        os.path.join(data_dir, name, record_format.file_name),
+    ]
     for path in candidates:
         if data_dir and tf.io.gfile.exists(path):
             return path

@@ -23,8 +23,8 @@ A scene is a dict:
 - ``image``: uint8 [R, R, 3];
 - ``segmentation``: uint8 [R, R]; 0 = background, k = the k-th object painted;
 - ``target``: float32 [10, 19], one row per object in painting order, encoded
-  like the set prediction target of CLEVR (SPEC section 3), rows past the last
-  object all zero:
+  like the set prediction target of CLEVR (``slotjax.data.encoding``,
+  docs/target_encoding.md), rows past the last object all zero:
 
   - 0-2: scene coordinates x, y, z in [-3, 3], stored as (c + 3) / 6.
     x and y come from the object's centroid (centre of mass of its whole,
@@ -48,13 +48,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MAX_OBJECTS_TARGET = 10
-TARGET_SIZE = 19
+from slotjax.data import encoding
+from slotjax.data.encoding import MAX_OBJECTS, OBJECT_SIZE
 
-SIZES = ("small", "large")
-MATERIALS = ("rubber", "metal")
-SHAPES = ("cube", "sphere", "cylinder")  # drawn as square, circle, triangle
-COLOURS = ("gray", "blue", "brown", "yellow", "red", "green", "purple", "cyan")
+# CLEVR's RGB values of encoding.COLOURS; shapes cube, sphere, cylinder are drawn as square, circle, triangle
 COLOUR_RGB = np.array(
     [
         [87, 87, 87],
@@ -89,10 +86,7 @@ def split_indices(split: str, positions) -> np.ndarray:
     first, end = SPLITS[split]
     positions = np.asarray(positions, dtype=np.int64)
     if positions.size and positions.min() < 0:
-        raise ValueError(
-            f"Negative position {positions.min()} in split {split!r}; positions "
-            "count from 0."
-        )
+        raise ValueError(f"Negative position {positions.min()} in split {split!r}; positions count from 0.")
     if end is not None and positions.size and positions.max() >= end - first:
         raise ValueError(
             f"Position {positions.max()} is beyond split {split!r}, which holds "
@@ -131,9 +125,7 @@ def _shaded_sprites(masks: np.ndarray) -> np.ndarray:
         # The light sits up and to the left of the shape's centroid.
         light_row = rows.mean() + 0.5 - 0.15 * side
         light_column = columns.mean() + 0.5 - 0.15 * side
-        distance = np.hypot(
-            centres[:, None] - light_row, centres[None, :] - light_column
-        ) / side
+        distance = np.hypot(centres[:, None] - light_row, centres[None, :] - light_column) / side
         shade = np.clip(1.2 - 1.1 * distance, 0.35, 1.2)[..., None]
         highlight = (np.clip(1 - distance / 0.18, 0, 1) ** 2)[..., None]
         rubber = np.broadcast_to(COLOUR_RGB[:, None, None, :], (8, side, side, 3))
@@ -153,54 +145,48 @@ class Scenes:
         max_objects: int = 6,
     ):
         resolution, seed, min_objects, max_objects = (
-            _integer(value, name) for value, name in ((resolution, "resolution"), (seed, "seed"),
-                                                      (min_objects, "min_objects"), (max_objects, "max_objects"))
+            _integer(value, name)
+            for value, name in (
+                (resolution, "resolution"),
+                (seed, "seed"),
+                (min_objects, "min_objects"),
+                (max_objects, "max_objects"),
+            )
         )
         if resolution < 16:
-            raise ValueError(
-                f"resolution={resolution} is too small to draw the shapes; use 16 "
-                "or more."
-            )
+            raise ValueError(f"resolution={resolution} is too small to draw the shapes; use 16 or more.")
         if seed < 0:
             raise ValueError(f"seed={seed} is negative; use a seed >= 0.")
         if min_objects < 1:
             raise ValueError(f"min_objects={min_objects}; use at least 1.")
-        if max_objects > MAX_OBJECTS_TARGET:
+        if max_objects > MAX_OBJECTS:
             raise ValueError(
-                f"max_objects={max_objects} exceeds the {MAX_OBJECTS_TARGET} target "
-                f"rows; use at most {MAX_OBJECTS_TARGET}."
+                f"max_objects={max_objects} exceeds the {MAX_OBJECTS} target rows; use at most {MAX_OBJECTS}."
             )
         if min_objects > max_objects:
-            raise ValueError(
-                f"min_objects={min_objects} > max_objects={max_objects}; make "
-                "min_objects <= max_objects."
-            )
+            raise ValueError(f"min_objects={min_objects} > max_objects={max_objects}; make min_objects <= max_objects.")
         self.resolution = resolution
         self.seed = seed
         self.min_objects = min_objects
         self.max_objects = max_objects
 
-        self._sides = [
-            max(low, round(fraction * resolution))
-            for low, fraction in zip(MIN_SIDES, SIZE_FRACTIONS)
-        ]
+        self._sides = [max(low, round(fraction * resolution)) for low, fraction in zip(MIN_SIDES, SIZE_FRACTIONS)]
         self._masks = [_shape_masks(side) for side in self._sides]
         self._sprites = [_shaded_sprites(masks) for masks in self._masks]
         # Centroid (row, column) and area of each [shape, size] sprite, in pixels.
-        self._centroids = np.array(
-            [[np.argwhere(m).mean(0) + 0.5 for m in masks] for masks in self._masks]
-        ).transpose(1, 0, 2)
+        self._centroids = np.array([[np.argwhere(m).mean(0) + 0.5 for m in masks] for masks in self._masks]).transpose(
+            1, 0, 2
+        )
         self._areas = np.array([masks.sum((1, 2)) for masks in self._masks]).T
         self._background = np.empty((resolution, resolution, 3), np.uint8)
         self._background[:] = BACKGROUND_RGB
-        self._one_hots = [np.eye(n, dtype=np.float32) for n in (2, 2, 3, 8)]
 
     def scene(self, index: int) -> dict:
         """Scene number `index` (>= 0) of this seed."""
         resolution = self.resolution
         image = np.empty((resolution, resolution, 3), np.uint8)
         segmentation = np.empty((resolution, resolution), np.uint8)
-        target = np.zeros((MAX_OBJECTS_TARGET, TARGET_SIZE), np.float32)
+        target = np.zeros((MAX_OBJECTS, OBJECT_SIZE), np.float32)
         num_objects = self._render(index, image, segmentation, target)
         return dict(
             image=image,
@@ -215,12 +201,10 @@ class Scenes:
         size, resolution = len(indices), self.resolution
         images = np.empty((size, resolution, resolution, 3), np.uint8)
         segmentations = np.empty((size, resolution, resolution), np.uint8)
-        targets = np.zeros((size, MAX_OBJECTS_TARGET, TARGET_SIZE), np.float32)
+        targets = np.zeros((size, MAX_OBJECTS, OBJECT_SIZE), np.float32)
         num_objects = np.empty(size, np.int32)
         for b, index in enumerate(indices):
-            num_objects[b] = self._render(
-                index, images[b], segmentations[b], targets[b]
-            )
+            num_objects[b] = self._render(index, images[b], segmentations[b], targets[b])
         return dict(
             image=images,
             segmentation=segmentations,
@@ -269,16 +253,6 @@ class Scenes:
             )
 
         row, column = ((corners + centroids)[order] / self.resolution).T
-        sizes, materials, shapes, colours = self._one_hots
-        target[:num] = np.concatenate(
-            [
-                np.stack([column, row, 1 - row], axis=1),
-                sizes[size[order]],
-                materials[material[order]],
-                shapes[shape[order]],
-                colours[colour[order]],
-                np.ones((num, 1)),
-            ],
-            axis=1,
-        )
+        coordinates = np.stack([column, row, 1 - row], axis=1)
+        target[:num] = encoding.encode(coordinates, size[order], material[order], shape[order], colour[order])
         return num

@@ -1,7 +1,7 @@
 """The two models of the paper: the slot autoencoder (object discovery) and the set predictor.
 
-Both follow the official code (SPEC sections 2 and 3); widths, resolution and
-numbers of slots are constructor arguments. Images are NHWC in [-1, 1].
+Both follow the official code (docs/architecture.md); widths, resolution and numbers of slots are constructor
+arguments. Images are NHWC in [-1, 1].
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from slotjax.modules import MLP, Conv, ConvTranspose, SlotAttention, dense, layer_norm, LAYER_NORM_EPSILON
-
-NUM_PROPERTIES = 19  # CLEVR's encoded object properties (SPEC section 3)
+from slotjax.data.encoding import OBJECT_SIZE
+from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense, layer_norm
+from slotjax.nn.slot_attention import SlotAttention
 
 
 def build_grid(resolution: tuple[int, int]) -> jax.Array:
@@ -73,13 +73,25 @@ def check_images(images: jax.Array, resolution: int) -> None:
         )
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(f"images have dtype {images.dtype}; expected floats in [-1, 1] (uint8 x: x / 127.5 - 1).")
+    if images.shape[0] == 0:
+        raise ValueError("the batch holds no images; pass at least one.")
 
 
 class SlotEncoder(nnx.Module):
     """CNN -> position embedding -> flatten -> LayerNorm -> MLP -> Slot Attention (shared by both models)."""
 
-    def __init__(self, resolution: int, strides: tuple[int, ...], encoder_features: int, num_slots: int,
-                 slot_size: int, num_iterations: int, mlp_hidden_size: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        resolution: int,
+        strides: tuple[int, ...],
+        encoder_features: int,
+        num_slots: int,
+        slot_size: int,
+        num_iterations: int,
+        mlp_hidden_size: int,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.resolution = resolution
         grid = resolution // math.prod(strides)
         self.encoder_cnn = EncoderCNN(encoder_features, strides, rngs=rngs)
@@ -87,8 +99,12 @@ class SlotEncoder(nnx.Module):
         self.layer_norm = layer_norm(encoder_features, LAYER_NORM_EPSILON, rngs)
         self.mlp = MLP(encoder_features, encoder_features, encoder_features, rngs=rngs)
         self.slot_attention = SlotAttention(
-            num_slots, slot_size, input_size=encoder_features, num_iterations=num_iterations,
-            mlp_hidden_size=mlp_hidden_size, rngs=rngs,
+            num_slots,
+            slot_size,
+            input_size=encoder_features,
+            num_iterations=num_iterations,
+            mlp_hidden_size=mlp_hidden_size,
+            rngs=rngs,
         )
 
     def __call__(self, images: jax.Array, **slot_attention_options) -> tuple[jax.Array, dict]:
@@ -107,9 +123,20 @@ class SlotAutoencoder(nnx.Module):
     masks [B, K, H, W, 1] (softmax over slots), slots [B, K, D], attention [B, T, K, H*W].
     """
 
-    def __init__(self, resolution: int = 128, num_slots: int = 7, num_iterations: int = 3, slot_size: int = 64,
-                 encoder_features: int = 64, decoder_features: int = 64, mlp_hidden_size: int = 128,
-                 broadcast_resolution: int = 8, remat_decoder: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        resolution: int = 128,
+        num_slots: int = 7,
+        num_iterations: int = 3,
+        slot_size: int = 64,
+        encoder_features: int = 64,
+        decoder_features: int = 64,
+        mlp_hidden_size: int = 128,
+        broadcast_resolution: int = 8,
+        remat_decoder: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ):
         num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
         if num_upsamples < 1 or not num_upsamples.is_integer():
             raise ValueError(
@@ -119,8 +146,9 @@ class SlotAutoencoder(nnx.Module):
         self.resolution = resolution
         self.broadcast_resolution = broadcast_resolution
         self.remat_decoder = remat_decoder  # recompute the decoder's activations (the largest) in the backward pass
-        self.encoder = SlotEncoder(resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations,
-                                   mlp_hidden_size, rngs=rngs)
+        self.encoder = SlotEncoder(
+            resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size, rngs=rngs
+        )
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, int(num_upsamples), rngs=rngs)
 
@@ -128,7 +156,9 @@ class SlotAutoencoder(nnx.Module):
         slots, aux = self.encoder(images, **slot_attention_options)
         batch_size, num_slots, slot_size = slots.shape
         size = self.broadcast_resolution
-        broadcast = jnp.broadcast_to(slots.reshape(-1, 1, 1, slot_size), (batch_size * num_slots, size, size, slot_size))
+        broadcast = jnp.broadcast_to(
+            slots.reshape(-1, 1, 1, slot_size), (batch_size * num_slots, size, size, slot_size)
+        )
         decode = nnx.remat(DecoderCNN.__call__) if self.remat_decoder else DecoderCNN.__call__
         decoded = decode(self.decoder_cnn, self.decoder_pos(broadcast))  # [B * K, H, W, 4]
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
@@ -149,15 +179,25 @@ class SetPredictor(nnx.Module):
     Returns a dict: predictions [B, K, 19] in [0, 1], slots [B, K, D], attention [B, T, K, N].
     """
 
-    def __init__(self, resolution: int = 128, num_slots: int = 10, num_iterations: int = 3, slot_size: int = 64,
-                 encoder_features: int = 64, mlp_hidden_size: int = 128, head_hidden_size: int = 64,
-                 *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        resolution: int = 128,
+        num_slots: int = 10,
+        num_iterations: int = 3,
+        slot_size: int = 64,
+        encoder_features: int = 64,
+        mlp_hidden_size: int = 128,
+        head_hidden_size: int = 64,
+        *,
+        rngs: nnx.Rngs,
+    ):
         strides = (1, 2, 2, 1)
         if resolution % math.prod(strides):
             raise ValueError(f"resolution {resolution} must be a multiple of 4 (the encoder downsamples by 4).")
-        self.encoder = SlotEncoder(resolution, strides, encoder_features, num_slots, slot_size, num_iterations,
-                                   mlp_hidden_size, rngs=rngs)
-        self.mlp_classifier = MLP(slot_size, head_hidden_size, NUM_PROPERTIES, rngs=rngs)
+        self.encoder = SlotEncoder(
+            resolution, strides, encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size, rngs=rngs
+        )
+        self.mlp_classifier = MLP(slot_size, head_hidden_size, OBJECT_SIZE, rngs=rngs)
 
     def __call__(self, images: jax.Array, **slot_attention_options) -> dict[str, jax.Array]:
         slots, aux = self.encoder(images, **slot_attention_options)

@@ -1,4 +1,4 @@
-"""torch twin of slotjax/optim.py: Adam on the official schedule (first update uses lr(0))."""
+"""torch twin of slotjax/train/optim.py: Adam on the official schedule (first update uses lr(0))."""
 
 import torch
 

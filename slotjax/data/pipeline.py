@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from slotjax import scenes
+from slotjax.data import scenes
 
 
 def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
@@ -28,8 +28,10 @@ def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.n
         raise ValueError(f"the batch has no 'image' entry (it is {holds}); expected a dict of arrays.")
     images = np.asarray(batch["image"])
     if images.ndim != 4 or images.shape[1:] != (resolution, resolution, 3):
-        raise ValueError(f"images have shape {images.shape}; expected [batch, {resolution}, {resolution}, 3]. "
-                         "Set --config.resolution to the data's resolution.")
+        raise ValueError(
+            f"images have shape {images.shape}; expected [batch, {resolution}, {resolution}, 3]. "
+            "Set --config.resolution to the data's resolution."
+        )
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"images have dtype {images.dtype}; expected floats in [-1, 1] (uint8 x: x / 127.5 - 1).")
     if images.shape[0] == 0:
@@ -42,8 +44,10 @@ def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.n
     for name, value in batch.items():
         shape = np.shape(value)
         if not shape or shape[0] != images.shape[0]:
-            raise ValueError(f"batch[{name!r}] has shape {shape} but there are {images.shape[0]} images; "
-                             "every entry needs one row per image.")
+            raise ValueError(
+                f"batch[{name!r}] has shape {shape} but there are {images.shape[0]} images; "
+                "every entry needs one row per image."
+            )
     if "target" in batch:
         targets = np.asarray(batch["target"])
         if not np.issubdtype(targets.dtype, np.floating):
@@ -76,12 +80,18 @@ def train_batches(config, start_step: int, process_index: int = 0, process_count
     """This process's part of the global training batch of every step from `start_step` on."""
     share = _process_slice(config.batch_size, process_index, process_count)
     if config.dataset != "scenes":
-        from slotjax import datasets
+        from slotjax.data import datasets  # TensorFlow: imported only for real data sets
 
         return datasets.make_dataset(
-            config.dataset, config.data_dir, "train", task=config.task, resolution=config.resolution,
-            batch_size=share.stop - share.start, seed=config.seed + start_step,
-            process_index=process_index, process_count=process_count,
+            config.dataset,
+            config.data_dir,
+            "train",
+            task=config.task,
+            resolution=config.resolution,
+            batch_size=share.stop - share.start,
+            seed=config.seed + start_step,
+            process_index=process_index,
+            process_count=process_count,
         )
     generator = _scenes(config)
 
@@ -100,12 +110,19 @@ def eval_batches(config, split: str, process_index: int = 0, process_count: int 
     share = _process_slice(config.eval_batch_size, process_index, process_count)
     num_batches = max(config.num_eval_examples // config.eval_batch_size, 1)
     if config.dataset != "scenes":
-        from slotjax import datasets
+        from slotjax.data import datasets  # TensorFlow: imported only for real data sets
 
         dataset = datasets.make_dataset(
-            config.dataset, config.data_dir, split, task=config.task, resolution=config.resolution,
-            batch_size=share.stop - share.start, shuffle=False, repeat=True,  # every process gets num_batches
-            process_index=process_index, process_count=process_count,
+            config.dataset,
+            config.data_dir,
+            split,
+            task=config.task,
+            resolution=config.resolution,
+            batch_size=share.stop - share.start,
+            shuffle=False,
+            repeat=True,  # every process gets num_batches
+            process_index=process_index,
+            process_count=process_count,
         )
         return (batch for _, batch in zip(range(num_batches), dataset))
     generator = _scenes(config)
@@ -119,8 +136,9 @@ def eval_batches(config, split: str, process_index: int = 0, process_count: int 
 
 
 def _scenes(config) -> scenes.Scenes:
-    return scenes.Scenes(config.resolution, seed=config.seed, min_objects=config.min_objects,
-                         max_objects=config.max_objects)
+    return scenes.Scenes(
+        config.resolution, seed=config.seed, min_objects=config.min_objects, max_objects=config.max_objects
+    )
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:

@@ -17,11 +17,15 @@ def _check_sets(predictions: jax.Array, targets: jax.Array) -> None:
     """Refuses sets that are not [B, K, D] and [B, M, D] arrays of the same B and D (static, free under jit)."""
     for name, array in (("predictions", predictions), ("targets", targets)):
         if getattr(array, "ndim", None) != 3:
-            raise ValueError(f"{name} have shape {getattr(array, 'shape', type(array).__name__)}; "
-                             "expected [batch, set size, features].")
+            raise ValueError(
+                f"{name} have shape {getattr(array, 'shape', type(array).__name__)}; "
+                "expected [batch, set size, features]."
+            )
     if predictions.shape[0] != targets.shape[0] or predictions.shape[2] != targets.shape[2]:
-        raise ValueError(f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} must have the "
-                         "same batch size and number of features.")
+        raise ValueError(
+            f"predictions {tuple(predictions.shape)} and targets {tuple(targets.shape)} must have the "
+            "same batch size and number of features."
+        )
     for name, array in (("predictions", predictions), ("targets", targets)):
         if not jnp.issubdtype(array.dtype, jnp.floating):
             raise TypeError(f"{name} have dtype {array.dtype}; expected floats.")
@@ -59,9 +63,7 @@ def optimal_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(rows, order, 1), jnp.take_along_axis(cols, order, 1)
 
 
-def hungarian_matching(
-    predictions: jax.Array, targets: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def hungarian_matching(predictions: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Matching used by `hungarian_huber_loss` (e.g. for visualisation).
 
     Args:
@@ -77,21 +79,25 @@ def hungarian_matching(
     return optimal_assignment(cost)
 
 
-def hungarian_huber_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    """Set loss: matched Huber costs summed per image, averaged over the batch.
+def hungarian_huber_costs(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Matched Huber costs summed per image.
 
     Args:
       predictions: [B, K, D] predicted objects.
       targets: [B, M, D] target objects; padding rows are matched too.
 
     Returns:
-      Scalar loss.
+      [B]: each image's set loss.
     """
     cost = pairwise_huber_cost(predictions, targets)  # [B, M, K]
     target_indices, prediction_indices = optimal_assignment(jax.lax.stop_gradient(cost))
     batch_indices = jnp.arange(cost.shape[0])[:, None]
-    matched_costs = cost[batch_indices, target_indices, prediction_indices]  # [B, min(M, K)]
-    return matched_costs.sum(axis=1).mean()
+    return cost[batch_indices, target_indices, prediction_indices].sum(axis=1)  # [B]
+
+
+def hungarian_huber_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+    """Set loss: matched Huber costs summed per image (`hungarian_huber_costs`), averaged over the batch."""
+    return hungarian_huber_costs(predictions, targets).mean()
 
 
 def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""PyTorch twins of `slotjax/models.py`. Images are NCHW here; outputs likewise channels-first."""
+"""PyTorch twins of `slotjax/nn/models.py`. Images are NCHW here; outputs likewise channels-first."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
-from torch_reference.modules import MLP, Conv, ConvTranspose, SlotAttention, dense, LAYER_NORM_EPSILON
+from torch_reference.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense
+from torch_reference.nn.slot_attention import SlotAttention
 
-NUM_PROPERTIES = 19
+OBJECT_SIZE = 19  # values per object of the set-prediction target (docs/target_encoding.md)
 
 
 def build_grid(resolution: tuple[int, int]) -> torch.Tensor:
@@ -64,7 +65,10 @@ class SlotEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(encoder_features, eps=LAYER_NORM_EPSILON)
         self.mlp = MLP(encoder_features, encoder_features, encoder_features)
         self.slot_attention = SlotAttention(
-            num_slots, slot_size, input_size=encoder_features, num_iterations=num_iterations,
+            num_slots,
+            slot_size,
+            input_size=encoder_features,
+            num_iterations=num_iterations,
             mlp_hidden_size=mlp_hidden_size,
         )
 
@@ -78,12 +82,22 @@ class SlotEncoder(nn.Module):
 class SlotAutoencoder(nn.Module):
     """Outputs: reconstruction [B, 3, H, W], slot_reconstructions [B, K, 3, H, W], masks [B, K, 1, H, W], slots."""
 
-    def __init__(self, resolution=128, num_slots=7, num_iterations=3, slot_size=64, encoder_features=64,
-                 decoder_features=64, mlp_hidden_size=128, broadcast_resolution=8):
+    def __init__(
+        self,
+        resolution=128,
+        num_slots=7,
+        num_iterations=3,
+        slot_size=64,
+        encoder_features=64,
+        decoder_features=64,
+        mlp_hidden_size=128,
+        broadcast_resolution=8,
+    ):
         super().__init__()
         self.broadcast_resolution = broadcast_resolution
-        self.encoder = SlotEncoder(resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size,
-                                   num_iterations, mlp_hidden_size)
+        self.encoder = SlotEncoder(
+            resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size
+        )
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2)
         num_upsamples = int(math.log2(resolution // broadcast_resolution))
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, num_upsamples)
@@ -109,12 +123,21 @@ class SlotAutoencoder(nn.Module):
 class SetPredictor(nn.Module):
     """Outputs: predictions [B, K, 19] in [0, 1], slots, attention."""
 
-    def __init__(self, resolution=128, num_slots=10, num_iterations=3, slot_size=64, encoder_features=64,
-                 mlp_hidden_size=128, head_hidden_size=64):
+    def __init__(
+        self,
+        resolution=128,
+        num_slots=10,
+        num_iterations=3,
+        slot_size=64,
+        encoder_features=64,
+        mlp_hidden_size=128,
+        head_hidden_size=64,
+    ):
         super().__init__()
-        self.encoder = SlotEncoder(resolution, (1, 2, 2, 1), encoder_features, num_slots, slot_size,
-                                   num_iterations, mlp_hidden_size)
-        self.mlp_classifier = MLP(slot_size, head_hidden_size, NUM_PROPERTIES)
+        self.encoder = SlotEncoder(
+            resolution, (1, 2, 2, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size
+        )
+        self.mlp_classifier = MLP(slot_size, head_hidden_size, OBJECT_SIZE)
 
     def forward(self, images: torch.Tensor, **slot_attention_options) -> dict[str, torch.Tensor]:
         slots, aux = self.encoder(images, **slot_attention_options)
@@ -137,8 +160,10 @@ def load_model(path: str) -> nn.Module:
             metadata = file.metadata() or {}
     models = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}
     if metadata.get("model") not in models:
-        raise ValueError(f"{path!r} does not say which model it holds (metadata 'model' is {metadata.get('model')!r}); "
-                         "write it with `python -m slotjax.convert --workdir=RUN --output=FILE`.")
+        raise ValueError(
+            f"{path!r} does not say which model it holds (metadata 'model' is {metadata.get('model')!r}); "
+            "write it with `python -m slotjax.convert --workdir=RUN --output=FILE`."
+        )
     model = models[metadata["model"]](**json.loads(metadata["arguments"]))
     model.load_state_dict(state_dict)
     return model

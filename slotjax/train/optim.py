@@ -14,8 +14,9 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int, decay_steps:
     return schedule
 
 
-def make_optimizer(learning_rate: float, warmup_steps: int, decay_steps: int, decay_rate: float = 0.5,
-                   grad_clip_norm: float = 0.0):
+def make_optimizer(
+    learning_rate: float, warmup_steps: int, decay_steps: int, decay_rate: float = 0.5, grad_clip_norm: float = 0.0
+):
     """optax Adam (eps 1e-8, default betas) on the official schedule.
 
     `grad_clip_norm` > 0 first scales the gradients to that global norm at most (not in the paper, which does not

@@ -12,7 +12,7 @@ from one-hot contingency tables.  Conventions (scikit-learn's
   which skips those images (or `jnp.nanmean` on concatenated scores).
 
 Average precision (set prediction) follows the official CLEVR evaluation
-(SPEC section 3), down to its ranking of tied confidences
+(docs/average_precision.md), down to its ranking of tied confidences
 (`official_ranking`), and runs on the host in NumPy.
 """
 
@@ -24,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from slotjax.data import encoding
+
 # ---------------------------------------------------------------------------
 # Adjusted Rand index.
 # ---------------------------------------------------------------------------
 
 
-@functools.partial(
-    jax.jit, static_argnames=("num_true_ids", "num_pred_ids", "ignore_background")
-)
+@functools.partial(jax.jit, static_argnames=("num_true_ids", "num_pred_ids", "ignore_background"))
 def adjusted_rand_index(
     true_ids: jax.Array,
     pred_ids: jax.Array,
@@ -73,9 +73,7 @@ def adjusted_rand_index(
     pairs_together_in_pred = jnp.sum(pred_sizes * (pred_sizes - 1), axis=1)
     num_pairs = num_pixels * (num_pixels - 1)
 
-    expected_index = (
-        pairs_together_in_true * pairs_together_in_pred / jnp.maximum(num_pairs, 1)
-    )
+    expected_index = pairs_together_in_true * pairs_together_in_pred / jnp.maximum(num_pairs, 1)
     max_index = (pairs_together_in_true + pairs_together_in_pred) / 2
     denominator = max_index - expected_index
     # Every pair treated alike by both labellings; the only case where the
@@ -83,27 +81,19 @@ def adjusted_rand_index(
     full_agreement = (pairs_together_in_both == pairs_together_in_true) & (
         pairs_together_in_both == pairs_together_in_pred
     )
-    ari_values = (pairs_together_in_both - expected_index) / jnp.where(
-        full_agreement, 1.0, denominator
-    )
+    ari_values = (pairs_together_in_both - expected_index) / jnp.where(full_agreement, 1.0, denominator)
     ari_values = jnp.where(full_agreement, 1.0, ari_values)
     return jnp.where(num_pixels > 0, ari_values, jnp.nan)
 
 
-def ari(
-    true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int
-) -> jax.Array:
+def ari(true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int) -> jax.Array:
     """ARI over all pixels, per image [B] (see `adjusted_rand_index`)."""
     return adjusted_rand_index(true_ids, pred_ids, num_true_ids, num_pred_ids)
 
 
-def fg_ari(
-    true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int
-) -> jax.Array:
+def fg_ari(true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int) -> jax.Array:
     """Foreground ARI (true id 0 ignored), per image [B]; NaN without foreground."""
-    return adjusted_rand_index(
-        true_ids, pred_ids, num_true_ids, num_pred_ids, ignore_background=True
-    )
+    return adjusted_rand_index(true_ids, pred_ids, num_true_ids, num_pred_ids, ignore_background=True)
 
 
 def masks_to_ids(masks: jax.Array) -> jax.Array:
@@ -111,9 +101,7 @@ def masks_to_ids(masks: jax.Array) -> jax.Array:
     return jnp.argmax(masks[..., 0], axis=1)
 
 
-def ari_from_masks(
-    segmentation: jax.Array, masks: jax.Array, num_entities: int
-) -> jax.Array:
+def ari_from_masks(segmentation: jax.Array, masks: jax.Array, num_entities: int) -> jax.Array:
     """ARI per image [B] of the model masks against the ground truth.
 
     Args:
@@ -124,9 +112,7 @@ def ari_from_masks(
     return ari(segmentation, masks_to_ids(masks), num_entities, masks.shape[1])
 
 
-def fg_ari_from_masks(
-    segmentation: jax.Array, masks: jax.Array, num_entities: int
-) -> jax.Array:
+def fg_ari_from_masks(segmentation: jax.Array, masks: jax.Array, num_entities: int) -> jax.Array:
     """FG-ARI per image [B] of the model masks; arguments as `ari_from_masks`."""
     return fg_ari(segmentation, masks_to_ids(masks), num_entities, masks.shape[1])
 
@@ -143,21 +129,10 @@ def mean_over_valid_images(scores: jax.Array) -> jax.Array:
 # Distance thresholds in scene units; None means no threshold.
 AP_THRESHOLDS = (None, 1.0, 0.5, 0.25, 0.125)
 
-# Slices of the 19-value object encoding (SPEC section 3).
-_COORDS = slice(0, 3)
-_ATTRIBUTE_SLICES = (slice(3, 5), slice(5, 7), slice(7, 10), slice(10, 18))
-_PRESENT = 18
-_COORD_SCALE = 6.0  # encoded coordinates * 6 = scene units
-
 
 def ap_metric_name(distance_threshold: float | None) -> str:
     """Metric name for a threshold: None -> 'ap_inf', 0.5 -> 'ap_0.5'."""
     return "ap_inf" if distance_threshold is None else f"ap_{distance_threshold:g}"
-
-
-def _decode_attributes(objects: np.ndarray) -> np.ndarray:
-    """[..., 19] -> int [..., 4]: size, material, shape, colour class indices."""
-    return np.stack([objects[..., s].argmax(axis=-1) for s in _ATTRIBUTE_SLICES], -1)
 
 
 def official_ranking(scores: np.ndarray) -> np.ndarray:
@@ -185,12 +160,12 @@ def _nearest_matching_targets(
     batch_size, num_slots, _ = predictions.shape
     # Pairwise [B, K, M] attribute agreement and distance.
     same_attributes = np.all(
-        _decode_attributes(predictions)[:, :, None] == _decode_attributes(targets)[:, None],
+        encoding.decode_attributes(predictions)[:, :, None] == encoding.decode_attributes(targets)[:, None],
         axis=-1,
     )
-    is_real_target = targets[:, None, :, _PRESENT] > 0.5  # [B, 1, M]
-    offsets = targets[:, None, :, _COORDS] - predictions[:, :, None, _COORDS]
-    distances = np.linalg.norm(offsets * _COORD_SCALE, axis=-1)  # [B, K, M]
+    is_real_target = encoding.is_present(targets)[:, None, :]  # [B, 1, M]
+    offsets = targets[:, None, :, encoding.COORDINATES] - predictions[:, :, None, encoding.COORDINATES]
+    distances = np.linalg.norm(offsets * encoding.COORDINATE_SCALE, axis=-1)  # [B, K, M]
     distances = np.where(same_attributes & is_real_target, distances, np.inf)
 
     nearest = distances.argmin(axis=-1)  # [B, K]
@@ -237,13 +212,11 @@ def _true_positives(
     return is_true_positive
 
 
-def average_precision(
-    predictions: np.ndarray, targets: np.ndarray, distance_threshold: float | None
-) -> float:
+def average_precision(predictions: np.ndarray, targets: np.ndarray, distance_threshold: float | None) -> float:
     """CLEVR set-prediction average precision at one distance threshold.
 
     Args:
-      predictions: [B, K, 19] predicted objects (SPEC section 3 encoding);
+      predictions: [B, K, 19] predicted objects (`slotjax.data.encoding`);
         index 18 is the confidence used for ranking (`official_ranking`: ties
         ranked as the official evaluation ranks them).
       targets: [B, M, 19] target objects; rows with target[..., 18] == 0 are
@@ -272,11 +245,11 @@ def average_precision_at_thresholds(
     Arrays as in `average_precision`; the matching is computed once.
     """
     predictions, targets = np.asarray(predictions), np.asarray(targets, dtype=np.float64)
-    size = _PRESENT + 1
+    size = encoding.OBJECT_SIZE
     for name, array in (("predictions", predictions), ("targets", targets)):
         if array.ndim != 3 or array.shape[-1] != size:
             raise ValueError(f"{name} have shape {array.shape}; expected [batch, objects, {size}].")
-    order = official_ranking(predictions[..., _PRESENT])  # before the cast: ties are ranked in the given dtype
+    order = official_ranking(predictions[..., encoding.PRESENT])  # before the cast: ties are ranked in the given dtype
     predictions = predictions.astype(np.float64)
     if predictions.shape[0] != targets.shape[0]:
         raise ValueError(f"predictions have {predictions.shape[0]} images but targets {targets.shape[0]}.")
@@ -284,7 +257,7 @@ def average_precision_at_thresholds(
         is_number = isinstance(threshold, (int, float, np.integer, np.floating)) and not isinstance(threshold, bool)
         if threshold is not None and not is_number:
             raise TypeError(f"distance threshold {threshold!r} is not a number or None.")
-    num_targets = int(np.sum(targets[..., _PRESENT] > 0.5))
+    num_targets = int(np.sum(encoding.is_present(targets)))
     if num_targets == 0:
         return {ap_metric_name(threshold): float("nan") for threshold in distance_thresholds}
     ranked_matches = _nearest_matching_targets(predictions, targets, order)

@@ -1,0 +1,34 @@
+"""Training configurations: one file per task (`discovery.py`, `set_prediction.py`), each with presets.
+
+Each file's `get_config(preset)` returns an `ml_collections.ConfigDict`: "official" (the default) holds the
+paper's values, "cpu" a small model that trains in minutes on a laptop. train.py reads them with
+`--config=configs/TASK.py:PRESET` (or `--task=TASK`) and takes `--config.FIELD=VALUE` overrides.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import ml_collections
+
+from slotjax import TASKS
+
+PRESETS = ("auto", "official", "cpu")
+
+
+def preset_for(dataset: str, preset: str = "auto") -> str:
+    """The preset "auto" is "cpu" on the embedded scenes and "official" on real data sets."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    if preset == "auto":
+        return "cpu" if dataset == "scenes" else "official"
+    return preset
+
+
+def get_config(task: str = "discovery", preset: str = "auto", dataset: str = "scenes") -> ml_collections.ConfigDict:
+    """The config of `task` with `preset` ("auto": by the data set) for `dataset`."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    config = importlib.import_module(f"configs.{task}").get_config(preset_for(dataset, preset))
+    config.dataset = dataset
+    return config

@@ -1,0 +1,44 @@
+"""Fields shared by both tasks, and the CPU preset's changes to the official values."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def common(preset: str) -> ml_collections.ConfigDict:
+    if preset not in ("official", "cpu"):
+        raise ValueError(f"Unknown preset {preset!r}; choose official or cpu.")
+    config = ml_collections.ConfigDict()
+    config.preset = preset
+    config.dataset = "scenes"  # embedded procedural scenes; or clevr, clevr_with_masks, multi_dsprites, ...
+    config.data_dir = ""  # where real data sets live (TFDS directory or the DeepMind TFRecord files)
+    config.seed = 0
+    config.learning_rate = 4e-4
+    config.decay_rate = 0.5
+    config.grad_clip_norm = 0.0  # 0: no clipping (the paper); > 0: clip gradients to this global norm
+    config.num_iterations = 3
+    config.slot_size = 64
+    config.encoder_features = 64
+    config.mlp_hidden_size = 128
+    config.log_every = 50
+    config.num_eval_examples = 512  # evaluated on the validation split
+    config.first_eval_seconds = 60.0  # also evaluate (metrics and a picture) once after this much training; 0: off
+    config.eval_batch_size = 64
+    config.max_checkpoints_to_keep = 3
+    config.num_devices = 0  # data-parallel over this many local devices; 0 = all
+    # train.py on a CPU: split its cores into this many JAX devices, one batch shard each (slotjax.cpu_devices);
+    # 0 = one per core (the most that divide the batch sizes, at least num_devices), 1 = one multi-threaded device
+    config.cpu_devices = 0
+    config.nonfinite_loss = "stop"  # "stop" training, or "skip" the batch
+    config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 parameters, softmax, normalisations)
+    config.remat_decoder = False  # recompute the decoder's activations in the backward pass (less memory)
+    # Embedded data set: objects per scene (the data set itself, not the model).
+    config.min_objects = 2
+    config.max_objects = 6
+    return config
+
+
+def apply_cpu_preset(config: ml_collections.ConfigDict, **task_fields) -> None:
+    """Minutes on 2 CPU cores: 32x32 images, small layers, gradients clipped to norm 1 (later Slot Attention work
+    clips; the paper does not). benchmarks/README.md holds the search behind these values."""
+    config.update(dict(resolution=32, decay_steps=100_000, grad_clip_norm=1.0, log_every=100, **task_fields))

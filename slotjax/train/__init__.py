@@ -1,0 +1,1 @@
+"""Training: the steps, losses, metrics, optimiser, checkpoints, metric writers and the loops."""

@@ -1,0 +1,1 @@
+"""PyTorch twins of `slotjax.nn`: layers, Slot Attention and the two models."""

@@ -1,0 +1,1 @@
+"""PyTorch twins of `slotjax.train`'s losses and optimiser."""
