@@ -1,11 +1,13 @@
 """The one place where the models' heavy operations choose their form: convolutions, transposed convolutions,
 LayerNorm and Slot Attention's attention step.
 
-Every operation has a reference form (`slotjax.kernels.xla`: plain XLA operations, the path on GPUs and TPUs)
-and a CPU form (`slotjax.kernels.cpu`: the same function, written the way XLA's CPU backend runs fast). The
-form follows the platform the program is compiled for (`jax.lax.platform_dependent`), so a program traced on
-one machine and compiled for another still gets its platform's form. `use_forms("cpu")` or
-`use_forms("reference")` picks one explicitly while tracing (tests, FLOP counts).
+Every operation has a reference form (`slotjax.kernels.xla`: plain XLA operations, the path on GPUs and TPUs;
+for the attention step, the textbook `SlotAttention.attend` that the model passes in) and a CPU form
+(`slotjax.kernels.cpu`: the same function, written the way XLA's CPU backend runs fast). The form follows the
+platform the program is compiled for (`jax.lax.platform_dependent`), so a program traced on one machine and
+compiled for another still gets its platform's form: per operation, or for everything a function computes
+(`per_platform`). `use_forms("cpu")` or `use_forms("reference")` picks one explicitly while tracing (tests,
+FLOP counts).
 """
 
 from __future__ import annotations
@@ -70,20 +72,49 @@ def layer_norm(inputs: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: fl
 
 
 def attention(
-    queries: jax.Array, inputs: jax.Array, key_kernel: jax.Array, value_kernel: jax.Array, epsilon: float
+    attend: Callable,
+    queries: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    epsilon: float,
+    *,
+    inputs: jax.Array,
+    projections: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, jax.Array]:
-    """Slot Attention's attention step: (attention [B, K, N] over the slots, updates [B, K, D]).
+    """Slot Attention's attention step `attend(queries, keys, values, epsilon)` -> (attention, updates).
 
-    queries [B, K, D] scaled by 1 / sqrt(D); inputs [B, N, C]; the key and value projections' kernels [C, D].
+    `attend` is the textbook step (`SlotAttention.attend`), the reference form. keys and values [B, N, D] must
+    be `inputs @ key_kernel` and `inputs @ value_kernel`, inputs [B, N, C] and `projections` the two kernels
+    [C, D]: the CPU form reads those instead (`cpu.attention`). Call it under `per_platform`, so that on CPU
+    the keys and values, read by no one, are never computed.
     """
     return _dispatch(
-        lambda *a: cpu.attention(*a, epsilon),
-        lambda *a: xla.attention(*a, epsilon),
+        lambda q, k, v, x, *kernels: cpu.attention(attend, q, x, *kernels, epsilon),
+        lambda q, k, v, x, *kernels: attend(q, k, v, epsilon),
         queries,
+        keys,
+        values,
         inputs,
-        key_kernel,
-        value_kernel,
+        *projections,
     )
 
 
-__all__ = ["FORMS", "attention", "conv", "conv_transpose", "layer_norm", "same_padding", "use_forms"]
+def per_platform(function: Callable, *arrays):
+    """`function(*arrays)`, traced once per form with every kernel inside in that form (on CPU the CPU forms).
+
+    A CPU form can then leave work of the reference form undone, as the attention step leaves the keys and
+    values: one operation's platform dispatch (a `cond`) still computes the gradients of operands that only
+    the other branch reads, as zeros.
+    """
+    return _dispatch(_in_form("cpu", function), _in_form("reference", function), *arrays)
+
+
+def _in_form(form: str, function: Callable) -> Callable:
+    def traced(*arrays):
+        with use_forms(form):
+            return function(*arrays)
+
+    return traced
+
+
+__all__ = ["FORMS", "attention", "conv", "conv_transpose", "layer_norm", "per_platform", "same_padding", "use_forms"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -271,13 +272,16 @@ layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 def attention(
-    queries: jax.Array, inputs: jax.Array, key_kernel: jax.Array, value_kernel: jax.Array, epsilon: float
+    attend: Callable,
+    queries: jax.Array,
+    inputs: jax.Array,
+    key_kernel: jax.Array,
+    value_kernel: jax.Array,
+    epsilon: float,
 ) -> tuple[jax.Array, jax.Array]:
-    """`xla.attention` without forming the keys and values of the inputs (arguments and results alike)."""
-    queries = queries @ key_kernel.T  # k^T(q): [B, K, C]
-    logits = jnp.einsum("bkc,bnc->bkn", queries, inputs.astype(queries.dtype))  # [B, K, N]
-    attention = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # slots compete for each input
-    weights = attention + epsilon
-    weights = weights / jnp.sum(weights, axis=2, keepdims=True)  # weighted mean over the inputs
-    mean_inputs = jnp.einsum("bkn,bnc->bkc", weights, inputs)  # [B, K, C]
-    return attention, mean_inputs.astype(value_kernel.dtype) @ value_kernel
+    """`attend(queries, inputs @ key_kernel, inputs @ value_kernel, epsilon)` without forming those keys and
+    values: `attend` on the queries mapped back to the inputs' space and on the inputs themselves, then the
+    value kernel applied to the K weighted means of the inputs."""
+    inputs = inputs.astype(key_kernel.dtype)  # [B, N, C], in the compute dtype of the projections
+    attention, mean_inputs = attend(queries @ key_kernel.T, inputs, inputs, epsilon)  # [B, K, N], [B, K, C]
+    return attention, mean_inputs @ value_kernel

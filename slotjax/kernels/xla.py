@@ -1,6 +1,7 @@
 """The reference forms of the kernels: plain XLA operations, the path on GPUs and TPUs.
 
-Each CPU form in `slotjax.kernels.cpu` is tested equal to its counterpart here.
+Each CPU form in `slotjax.kernels.cpu` is tested equal to its counterpart here (the attention step's is
+`slotjax.nn.slot_attention.SlotAttention.attend`).
 """
 
 from __future__ import annotations
@@ -35,21 +36,3 @@ def layer_norm(rows: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: floa
     centered = rows - jnp.mean(rows, axis=-1, keepdims=True)
     variance = jnp.mean(centered * centered, axis=-1, keepdims=True)
     return centered * jax.lax.rsqrt(variance + epsilon) * scale + bias
-
-
-def attention(
-    queries: jax.Array, inputs: jax.Array, key_kernel: jax.Array, value_kernel: jax.Array, epsilon: float
-) -> tuple[jax.Array, jax.Array]:
-    """One attention step of Slot Attention (Algorithm 1), keys and values formed as in the paper.
-
-    queries [B, K, D] (already scaled by 1 / sqrt(D)), inputs [B, N, C], key and value kernels [C, D].
-    Returns the attention [B, K, N] (softmax over the slots, float32) and the updates [B, K, D].
-    """
-    keys = inputs.astype(key_kernel.dtype) @ key_kernel  # [B, N, D]
-    values = inputs.astype(value_kernel.dtype) @ value_kernel  # [B, N, D]
-    logits = jnp.einsum("bkd,bnd->bkn", queries, keys)  # [B, K, N]
-    attention = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # slots compete for each input
-    weights = attention + epsilon
-    weights = weights / jnp.sum(weights, axis=2, keepdims=True)  # weighted mean over the inputs
-    updates = jnp.einsum("bkn,bnd->bkd", weights.astype(values.dtype), values)  # [B, K, D]
-    return attention, updates

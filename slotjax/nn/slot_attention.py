@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -71,22 +72,49 @@ class SlotAttention(nnx.Module):
         if initial_slots is None:  # slots ~ N(mu, diag(sigma)): [B, K, D]
             initial_slots = self.sample_initial_slots(inputs.shape[0], num_slots, key)
 
-        # Algorithm 1. The keys k = project_k(inputs) and values v = project_v(inputs), [B, N, D], are formed
-        # inside `kernels.attention` (its CPU form reads them off the inputs instead: the same function).
-        inputs = self.norm_inputs(inputs)  # [B, N, input_size]
-        slots, attention_maps = initial_slots, []
-        for _ in range(num_iterations):
-            slots_prev = slots
-            q = self.project_q(self.norm_slots(slots)) * self.slot_size**-0.5  # queries [B, K, D]
-            # attention = softmax over slots of q . k; updates = weighted mean of v with weights attention + eps
-            attention, updates = kernels.attention(q, inputs, *self._key_value_kernels(), self.attention_epsilon)
-            slots = self.gru(updates, slots_prev)  # [B, K, D]
-            slots = slots + self.mlp(self.norm_mlp(slots))
-            attention_maps.append(attention)  # [B, K, N]
-
+        # Algorithm 1 is `iterate`, traced once per platform form of the kernels: on CPU its attention step
+        # reads the inputs instead of k and v, which are then never computed (`kernels.per_platform`)
+        slots, attention = kernels.per_platform(
+            functools.partial(self.iterate, num_iterations=num_iterations), inputs, initial_slots
+        )
         if not return_attention:
             return slots
-        return slots, {"attention": jnp.stack(attention_maps, axis=1), "initial_slots": initial_slots}
+        return slots, {"attention": attention, "initial_slots": initial_slots}
+
+    def iterate(self, inputs: jax.Array, slots: jax.Array, num_iterations: int) -> tuple[jax.Array, jax.Array]:
+        """Algorithm 1: inputs [B, N, C], initial slots [B, K, D] -> slots [B, K, D], attention [B, T, K, N].
+
+        B: batch, N: inputs of size C (input_size), K: slots of size D (slot_size), T: iterations.
+        """
+        inputs = self.norm_inputs(inputs)  # [B, N, C]
+        k = self.project_k(inputs)  # keys [B, N, D]
+        v = self.project_v(inputs)  # values [B, N, D]
+        attention_maps = []
+        for _ in range(num_iterations):
+            slots_prev = slots
+            q = self.project_q(self.norm_slots(slots)) * self.slot_size**-0.5  # queries / sqrt(D): [B, K, D]
+            # attend(q, k, v) below, or its CPU form, which reads the inputs and kernels of k and v instead
+            attention, updates = kernels.attention(
+                self.attend, q, k, v, self.attention_epsilon, inputs=inputs, projections=self._key_value_kernels()
+            )  # [B, K, N], [B, K, D]
+            slots = self.gru(updates, slots_prev)  # [B, K, D]
+            slots = slots + self.mlp(self.norm_mlp(slots))
+            attention_maps.append(attention)
+        return slots, jnp.stack(attention_maps, axis=1)
+
+    @staticmethod
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+        """Algorithm 1's attention step: the slots compete for the inputs, then read the values of what they won.
+
+        q [B, K, D] (scaled by 1 / sqrt(D)), k and v [B, N, D]. Returns the attention [B, K, N] (softmax over the
+        K slots, float32) and the updates [B, K, D] (per slot, the mean of v weighted by attention + epsilon).
+        """
+        logits = jnp.einsum("bnd,bkd->bkn", k, q)  # [B, K, N]
+        attention = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # over the slots: they compete for inputs
+        weights = attention + epsilon
+        weights = weights / jnp.sum(weights, axis=2, keepdims=True)  # [B, K, N], a weighted mean over the inputs
+        updates = jnp.einsum("bkn,bnd->bkd", weights.astype(v.dtype), v)  # [B, K, D]
+        return attention, updates
 
     def sample_initial_slots(self, batch_size: int, num_slots: int, key: jax.Array | None = None) -> jax.Array:
         """mu + exp(log_sigma) * eps, eps ~ N(0, 1): [B, K, slot_size]."""
@@ -95,7 +123,7 @@ class SlotAttention(nnx.Module):
         return self.slots_mu[...] + jnp.exp(self.slots_log_sigma[...]) * noise
 
     def _key_value_kernels(self) -> tuple[jax.Array, jax.Array]:
-        """project_k's and project_v's kernels [input_size, D] in the layers' compute dtype."""
+        """project_k's and project_v's kernels [C, D] in the layers' compute dtype: k = inputs @ kernel."""
         return tuple(
             layer.promote_dtype((layer.kernel[...],), dtype=layer.dtype)[0]
             for layer in (self.project_k, self.project_v)
