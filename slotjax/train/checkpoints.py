@@ -1,12 +1,29 @@
-"""Checkpoints (orbax): the training state and the config it was trained with, written atomically."""
+"""Checkpoints (orbax): the training state and the config it was trained with, written atomically.
+
+Each checkpoint also holds a SHA-256 checksum of its arrays (`custom_metadata` of orbax's `_CHECKPOINT_METADATA`),
+verified when it is restored, and only finite states are written. A damaged checkpoint (a file missing, cut short
+or altered, metadata that is not JSON) raises `DamagedCheckpoint` naming its step and the file;
+`restore_latest_intact` sets it aside in `WORKDIR/damaged/` and restores the newest intact one.
+"""
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import inspect
+import json
+import logging
 import os
+import sys
+import warnings
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from slotjax.train.step import TrainState
 
@@ -21,10 +38,28 @@ MODEL_FIELDS = (
     "mlp_hidden_size",
     "head_hidden_size",
 )
+CHECKSUM_KEY = "state_sha256"  # in the custom metadata; checkpoints written before it are restored unverified
+STEP_METADATA = "_CHECKPOINT_METADATA"
+CONFIG_FILE = os.path.join("config", "metadata")
+REQUIRED_FILES = (
+    STEP_METADATA,
+    CONFIG_FILE,
+    os.path.join("state", "_METADATA"),
+    os.path.join("state", "manifest.ocdbt"),
+)
+JSON_FILES = (STEP_METADATA, CONFIG_FILE, os.path.join("state", "_METADATA"), os.path.join("state", "_sharding"))
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint of another model)."""
+
+
+class DamagedCheckpoint(TrainingError):
+    """A checkpoint whose files are missing, unreadable or altered."""
+
+    def __init__(self, directory, step: int, problem: str):
+        self.directory, self.step, self.problem = os.fspath(directory), step, problem
+        super().__init__(f"The checkpoint at step {step} in {self.directory} is damaged: {problem}.")
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = None) -> ocp.CheckpointManager:
@@ -32,25 +67,103 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = 
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def state_checksum(state) -> str:
+    """SHA-256 over the dtype, shape and bytes of every array of `state`, in the order of its leaves."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _is_finite(state) -> bool:
+    arrays = [np.asarray(leaf) for leaf in jax.tree.leaves(state)]
+    return all(np.isfinite(array).all() for array in arrays if jnp.issubdtype(array.dtype, jnp.inexact))
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, config: ml_collections.ConfigDict) -> None:
+    """Writes `state` at its step with `config` and the arrays' checksum; refuses a state holding NaN or inf."""
     step = int(state.step)
     if manager.latest_step() == step:
         return
+    if not _is_finite(state):
+        raise TrainingError(
+            f"The parameters are not finite at step {step}: not saved; the last good checkpoint is step "
+            f"{manager.latest_step()}. Lower the learning rate (or set --config.grad_clip_norm)."
+        )
     manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict())),
+        custom_metadata={CHECKSUM_KEY: state_checksum(state)},
     )
     manager.wait_until_finished()
 
 
+def _step_directory(manager: ocp.CheckpointManager, step: int) -> str:
+    return os.path.join(os.fspath(manager.directory), str(step))
+
+
+def _read_json(manager: ocp.CheckpointManager, step: int, name: str):
+    try:
+        with open(os.path.join(_step_directory(manager, step), name), "rb") as file:
+            return json.loads(file.read())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(manager.directory, step, f"{name} is missing") from None
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise DamagedCheckpoint(manager.directory, step, f"{name} is not valid JSON ({error})") from None
+
+
+def _stored_checksum(manager: ocp.CheckpointManager, step: int) -> str | None:
+    """Checks what is cheap (the files are there, the JSON files parse); returns the stored checksum, if any."""
+    directory = _step_directory(manager, step)
+    for name in REQUIRED_FILES:
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise DamagedCheckpoint(manager.directory, step, f"{name} is missing")
+    for name in JSON_FILES:
+        if os.path.exists(os.path.join(directory, name)):
+            _read_json(manager, step, name)
+    metadata = _read_json(manager, step, STEP_METADATA)
+    custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
+    checksum = custom.get(CHECKSUM_KEY) if isinstance(custom, dict) else None
+    if checksum is not None and not isinstance(checksum, str):
+        raise DamagedCheckpoint(manager.directory, step, f"{STEP_METADATA} holds no valid checksum")
+    return checksum
+
+
 def config_from_checkpoint(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
     """The config a checkpoint was trained with."""
-    saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    saved = _read_json(manager, step, CONFIG_FILE)
+    if not isinstance(saved, dict) or any(name not in saved for name in ("task", "resolution", "num_slots")):
+        raise DamagedCheckpoint(manager.directory, step, f"{CONFIG_FILE} holds no slotjax config")
     return ml_collections.ConfigDict(saved)
 
 
+def array_paths(state) -> set[str]:
+    """The paths of the arrays of a training state, as orbax names them."""
+    return {"/".join(map(str, path)) for path in ocp.tree.to_flat_dict(state)}
+
+
+def saved_array_paths(manager: ocp.CheckpointManager, step: int) -> set[str]:
+    """The paths of the arrays stored in the checkpoint at `step` (from state/_METADATA)."""
+    name = os.path.join("state", "_METADATA")
+    try:
+        return {
+            "/".join(str(key["key"]) for key in entry["key_metadata"])
+            for entry in _read_json(manager, step, name)["tree_metadata"].values()
+            if entry["value_metadata"]["value_type"] != "None"
+        }
+    except (KeyError, TypeError, AttributeError):
+        raise DamagedCheckpoint(manager.directory, step, f"{name} holds no tree metadata") from None
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, config, step: int | None = None):
-    """Restores the latest (or given) checkpoint into the shape and sharding of `target`; refuses another model's."""
+    """Restores the latest (or given) checkpoint into the shape and sharding of `target`.
+
+    Refuses another model's checkpoint (TrainingError) and a damaged one (DamagedCheckpoint).
+    """
     step = manager.latest_step() if step is None else step
+    checksum = _stored_checksum(manager, step)
     saved_config = config_from_checkpoint(manager, step)
     differing = {
         name: (saved_config.get(name), config.get(name))
@@ -63,5 +176,130 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, confi
             f"The checkpoint at step {step} in {manager.directory} belongs to another model ({details}). "
             "Use the configuration it was trained with, or another --workdir."
         )
+    differing_arrays = sorted(array_paths(target) ^ saved_array_paths(manager, step))
+    if differing_arrays:
+        raise TrainingError(
+            f"The checkpoint at step {step} in {manager.directory} holds another training state than this "
+            f"configuration builds ({len(differing_arrays)} arrays differ, e.g. {differing_arrays[0]}). Use the "
+            "configuration it was trained with (the optimiser's grad_clip_norm too), or another --workdir."
+        )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    try:
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as error:  # orbax and TensorStore raise many types for files cut short or altered
+        _silence_failed_reads()
+        raise DamagedCheckpoint(
+            manager.directory, step, f"the arrays in state/ could not be read: {_first_line(error)}"
+        ) from None
+    if checksum is not None and state_checksum(state) != checksum:
+        raise DamagedCheckpoint(
+            manager.directory, step, f"the arrays in state/ do not match the checksum in {STEP_METADATA}"
+        )
+    if not _is_finite(state):
+        raise DamagedCheckpoint(manager.directory, step, "the arrays in state/ hold NaN or inf")
+    return state
+
+
+def restore_latest_intact(
+    manager: ocp.CheckpointManager,
+    make_target: Callable[[ml_collections.ConfigDict], TrainState],
+    config: ml_collections.ConfigDict | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> tuple[TrainState, ml_collections.ConfigDict] | None:
+    """(state, config) of the newest intact checkpoint, or None when there is no checkpoint.
+
+    `make_target(config)` gives the state to restore into; `config` is the model's (None: each checkpoint's own).
+    Damaged checkpoints newer than the one restored are set aside (`set_aside`), each with one warning line;
+    when every checkpoint is damaged nothing is moved and a TrainingError names them.
+    """
+    damaged = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            used = config if config is not None else config_from_checkpoint(manager, step)
+            state = restore_checkpoint(manager, make_target(used), used, step)
+        except DamagedCheckpoint as error:
+            damaged.append(error)
+            continue
+        for error in damaged:
+            print_fn(
+                f"warning: the checkpoint at step {error.step} is damaged ({error.problem}); "
+                f"moved it to {set_aside(manager, error.step)} and restored step {step}, the newest intact one."
+            )
+        return state, used
+    if damaged:
+        problems = "; ".join(f"step {error.step}: {error.problem}" for error in damaged)
+        raise TrainingError(
+            f"No intact checkpoint in {manager.directory} ({problems}). "
+            "Restore the files, or move the checkpoints away to start afresh."
+        )
+    return None
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+    """Moves the checkpoint at `step` to WORKDIR/damaged/STEP (STEP.1, ... when taken), where orbax no longer sees
+    it; returns the new path."""
+    if jax.process_count() > 1:  # every process sees the same names before one of them moves the directory
+        multihost_utils.sync_global_devices(f"find a place for checkpoint {step}")
+    damaged = os.path.join(os.path.dirname(os.fspath(manager.directory)), "damaged")
+    destination, copy = os.path.join(damaged, str(step)), 0
+    while os.path.exists(destination):
+        copy += 1
+        destination = os.path.join(damaged, f"{step}.{copy}")
+    if jax.process_index() == 0:
+        os.makedirs(damaged, exist_ok=True)
+        os.rename(_step_directory(manager, step), destination)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+    manager.reload()
+    return destination
+
+
+def verify_checkpoint(workdir: str, step: int) -> str | None:
+    """What is wrong with the checkpoint at `step` in `workdir` (None when it is intact): its files, its JSON, its
+    arrays and their checksum. The model is built from the checkpoint's own config."""
+    from slotjax.train.trainer import Trainer
+
+    manager = checkpoint_manager(workdir)
+    try:
+        if step not in manager.all_steps():
+            return f"there is no checkpoint at step {step}"
+        config = config_from_checkpoint(manager, step)
+        restore_checkpoint(manager, Trainer(config).initial_state(), config, step)
+    except DamagedCheckpoint as error:
+        return error.problem
+    finally:
+        manager.close()
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    """The innermost cause's first line, without TensorStore's long spec."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    for marker in (" [tensorstore_spec", " See full TensorStore"):
+        text = text.split(marker)[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_silenced = False
+
+
+def _silence_failed_reads() -> None:
+    """After a failed restore, orbax leaves tasks, coroutines and TensorStore callbacks behind that print
+    tracebacks when collected ("Event loop is closed", "exception was never retrieved"). The failure is
+    reported once by the caller: these leftovers are silenced, here and for the rest of the process."""
+    global _silenced
+    if not _silenced:
+        _silenced = True
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            leftover = inspect.iscoroutine(unraisable.object) or "Event loop is closed" in str(unraisable.exc_value)
+            if not leftover:
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+    gc.collect()
