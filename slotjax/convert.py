@@ -18,6 +18,7 @@ Command line (training checkpoint <-> torch_reference weights; the paper's Tenso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -285,6 +286,23 @@ def save_model_weights(model: nnx.Module, config, step: int, output: str) -> str
     return output
 
 
+@contextlib.contextmanager
+def _checkpoint_manager(workdir: str, config=None, print_fn=print):
+    """The work directory's checkpoint manager, closed after use; the refusals of `slotjax.train.checkpoints`
+    (a damaged checkpoint, another model's) become ConversionErrors."""
+    from slotjax.train import checkpoints
+
+    manager = None
+    try:
+        manager = checkpoints.checkpoint_manager(workdir, config, print_fn)
+        yield manager
+    except checkpoints.TrainingError as error:
+        raise ConversionError(str(error)) from None
+    finally:
+        if manager is not None:
+            manager.close()
+
+
 def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
     """Writes the model's parameters as a training checkpoint at `step` in `workdir` (a fresh optimiser state).
 
@@ -293,8 +311,7 @@ def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
     """
     from slotjax.train import checkpoints, trainer
 
-    manager = checkpoints.checkpoint_manager(workdir, config)
-    try:
+    with _checkpoint_manager(workdir, config) as manager:
         state = trainer.Trainer(config).initial_state()
         state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(step, jnp.int32))
         latest = manager.latest_step()
@@ -318,10 +335,6 @@ def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
                     f"{step}, so training would not resume from them; choose a new --output directory."
                 )
         checkpoints.save_checkpoint(manager, state, config)
-    except checkpoints.TrainingError as error:  # a damaged checkpoint there, or weights holding NaN
-        raise ConversionError(str(error)) from None
-    finally:
-        manager.close()
     return workdir
 
 
@@ -337,8 +350,7 @@ def restore_model(workdir: str, step: int | None = None, print_fn=print):
     def target(config):
         return trainer.Trainer(config).initial_state()
 
-    manager = checkpoints.checkpoint_manager(workdir)
-    try:
+    with _checkpoint_manager(workdir, print_fn=print_fn) as manager:
         if step is None:
             restored = checkpoints.restore_latest_intact(manager, target, print_fn=print_fn)
             if restored is None:
@@ -352,10 +364,6 @@ def restore_model(workdir: str, step: int | None = None, print_fn=print):
         else:
             config = checkpoints.config_from_checkpoint(manager, step)
             state = checkpoints.restore_checkpoint(manager, target(config), config, step)
-    except checkpoints.TrainingError as error:
-        raise ConversionError(str(error)) from None
-    finally:
-        manager.close()
     model = steps.build_model(config)
     nnx.update(model, state.params)
     return model, config, int(state.step)

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from slotjax import convert
-from slotjax.train import checkpoints, trainer
+from slotjax.train import checkpoints
 from slotjax.train import step as steps
 from tests.conftest import tiny_config
 from tests.test_reliability import REPO, TRAIN_PY, tiny_cli_config, tiny_flags
@@ -104,6 +105,26 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_restored(
     assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
 
 
+def test_step_metadata_that_orbax_rejects_is_set_aside_before_the_steps_are_listed(tmp_path):
+    """Orbax lists no step at all when one `_CHECKPOINT_METADATA` is JSON of another shape."""
+    config = tiny_config()
+    save_steps(tmp_path, config, 1, 2, 3)
+    for step in (2, 3):
+        open(tmp_path / "checkpoints" / str(step) / "_CHECKPOINT_METADATA", "w").write('{"custom_metadata": 3}')
+    lines = []
+    manager = checkpoints.checkpoint_manager(str(tmp_path), config, lines.append)
+    assert manager.all_steps() == [1]
+    assert len(lines) == 2 and all(f"checkpoint at step {step} is damaged" in lines[step - 2] for step in (2, 3))
+    assert all("_CHECKPOINT_METADATA is not orbax's step metadata" in line for line in lines)
+    assert (tmp_path / "damaged" / "3").is_dir()
+    manager.close()
+
+    open(tmp_path / "checkpoints" / "1" / "_CHECKPOINT_METADATA", "w").write("[]")
+    with pytest.raises(checkpoints.TrainingError, match="No intact checkpoint .*step 1: _CHECKPOINT_METADATA is not"):
+        checkpoints.checkpoint_manager(str(tmp_path), config)
+    assert (tmp_path / "checkpoints" / "1").is_dir()  # the last one is not moved
+
+
 def test_when_every_checkpoint_is_damaged_nothing_is_moved_and_one_error_names_them(tmp_path):
     config = tiny_config()
     save_steps(tmp_path, config, 1, 2)
@@ -139,16 +160,17 @@ def test_a_nonfinite_state_is_never_saved_and_the_last_good_checkpoint_stays(tmp
     manager.close()
 
 
-def test_another_optimiser_state_is_refused_not_taken_for_damage(tmp_path):
-    """A checkpoint of the same model with another optimiser chain (grad_clip_norm 0 vs > 0) is not damaged."""
-    config = tiny_cli_config(grad_clip_norm=1.0)
-    convert.write_checkpoint(steps.build_model(config), config, 1, str(tmp_path))
-    other = tiny_cli_config(grad_clip_norm=0.0)
-    manager = checkpoints.checkpoint_manager(str(tmp_path), other)
+def test_another_training_state_is_refused_not_taken_for_damage(tmp_path):
+    """A checkpoint of the same model with another optimiser state (e.g. grad_clip_norm 0 vs > 0 chains another
+    transformation) is refused as such, and not set aside."""
+    config = tiny_config()
+    save_steps(tmp_path, config, 1, 2)
+    other = random_state(0).replace(opt_state=({}, {"m": jnp.zeros(3)}))
+    manager = checkpoints.checkpoint_manager(str(tmp_path), config)
     with pytest.raises(checkpoints.TrainingError, match="holds another training state .*grad_clip_norm") as error:
-        checkpoints.restore_latest_intact(manager, lambda _: trainer.Trainer(other).initial_state(), other, print)
+        checkpoints.restore_latest_intact(manager, lambda _: other, config, print)
     assert not isinstance(error.value, checkpoints.DamagedCheckpoint)
-    assert manager.all_steps() == [1]
+    assert manager.all_steps() == [1, 2]
     manager.close()
 
 
@@ -157,19 +179,27 @@ def test_another_optimiser_state_is_refused_not_taken_for_damage(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def run_and_weights(tmp_path):
-    """A work directory with the tiny model's checkpoint at step 5, and a function writing weights files."""
+@pytest.fixture(scope="module")
+def run_and_weights(tmp_path_factory):
+    """A work directory with the tiny model's checkpoint at step 5 (tests copy it), and a function writing weights
+    files."""
+    root = tmp_path_factory.mktemp("convert")
     config = tiny_cli_config()
-    workdir = str(tmp_path / "run")
-    convert.write_checkpoint(steps.build_model(config), config, 5, workdir)
+    convert.write_checkpoint(steps.build_model(config), config, 5, str(root / "run"))
 
     def weights(step, **overrides):
         other = tiny_cli_config(**overrides)
-        path = str(tmp_path / f"weights_{step}_{len(os.listdir(tmp_path))}.safetensors")
+        path = str(root / f"weights_{step}_{len(os.listdir(root))}.safetensors")
         return convert.save_model_weights(steps.build_model(other, seed=1), other, step, path)
 
-    return workdir, weights
+    return str(root / "run"), weights
+
+
+@pytest.fixture
+def run_copy(run_and_weights, tmp_path):
+    workdir, weights = run_and_weights
+    shutil.copytree(workdir, tmp_path / "run")
+    return str(tmp_path / "run"), weights
 
 
 @pytest.mark.parametrize(
@@ -181,8 +211,8 @@ def run_and_weights(tmp_path):
         (7, {"grad_clip_norm": 0.0}, r"holds checkpoints of another model \(grad_clip_norm: 1.0 there, 0.0 here\)"),
     ],
 )
-def test_convert_input_into_a_run_it_does_not_continue_is_refused(run_and_weights, capsys, step, overrides, message):
-    workdir, weights = run_and_weights
+def test_convert_input_into_a_run_it_does_not_continue_is_refused(run_copy, capsys, step, overrides, message):
+    workdir, weights = run_copy
     path = weights(step, **overrides)
     with pytest.raises(SystemExit, match=f"^error: .*{message}"):
         convert.main(["--input", path, "--output", workdir])
@@ -190,16 +220,16 @@ def test_convert_input_into_a_run_it_does_not_continue_is_refused(run_and_weight
     assert checkpoints.checkpoint_manager(workdir).all_steps() == [5]
 
 
-def test_convert_input_into_a_run_with_a_newer_step_of_the_same_model_adds_it(run_and_weights, capsys):
-    workdir, weights = run_and_weights
+def test_convert_input_into_a_run_with_a_newer_step_of_the_same_model_adds_it(run_copy, capsys):
+    workdir, weights = run_copy
     convert.main(["--input", weights(7), "--output", workdir])
     assert f"Wrote a checkpoint to {workdir}" in capsys.readouterr().out
     assert checkpoints.checkpoint_manager(workdir).all_steps() == [5, 7]
     assert checkpoints.verify_checkpoint(workdir, 7) is None
 
 
-def test_convert_reads_the_newest_intact_checkpoint_of_a_damaged_run(run_and_weights):
-    workdir, weights = run_and_weights
+def test_convert_reads_the_newest_intact_checkpoint_of_a_damaged_run(run_copy):
+    workdir, weights = run_copy
     convert.weights_to_checkpoint(weights(7), workdir)
     named = damage(os.path.join(workdir, "checkpoints", "7"), "truncated")
     assert named in checkpoints.verify_checkpoint(workdir, 7) and checkpoints.verify_checkpoint(workdir, 5) is None

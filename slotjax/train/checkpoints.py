@@ -47,6 +47,7 @@ REQUIRED_FILES = (
     os.path.join("state", "_METADATA"),
     os.path.join("state", "manifest.ocdbt"),
 )
+REFUSAL_FIX = "Restore the files, or move the checkpoints away to start afresh."
 JSON_FILES = (STEP_METADATA, CONFIG_FILE, os.path.join("state", "_METADATA"), os.path.join("state", "_sharding"))
 
 
@@ -62,9 +63,59 @@ class DamagedCheckpoint(TrainingError):
         super().__init__(f"The checkpoint at step {step} in {self.directory} is damaged: {problem}.")
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = None) -> ocp.CheckpointManager:
+class _ReportedWhenRestored(logging.Filter):
+    """Orbax logs a missing or unreadable `_CHECKPOINT_METADATA` each time it lists the steps; `restore_checkpoint`
+    reports it once, naming the step, when that checkpoint is needed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Failed to read Metadata file", "Metadata file does not exist"))
+
+
+_METADATA_FILTER = _ReportedWhenRestored()
+
+
+def checkpoint_manager(
+    workdir: str, config: ml_collections.ConfigDict | None = None, print_fn: Callable[[str], None] = print
+) -> ocp.CheckpointManager:
+    """The orbax manager of WORKDIR/checkpoints.
+
+    Orbax lists no step at all when one step's `_CHECKPOINT_METADATA` is JSON of another shape: such steps are set
+    aside first, each with one warning line, unless no other step is left (then the error names them).
+    """
+    if _METADATA_FILTER not in logging.getLogger("absl").filters:
+        logging.getLogger("absl").addFilter(_METADATA_FILTER)
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    unlistable = _unlistable_steps(directory)
+    if unlistable:
+        listable = [name for name in os.listdir(directory) if name.isdigit() and int(name) not in unlistable]
+        if not listable:
+            problems = "; ".join(f"step {step}: {problem}" for step, problem in unlistable.items())
+            raise TrainingError(f"No intact checkpoint in {directory} ({problems}). {REFUSAL_FIX}")
+        for step, problem in unlistable.items():
+            print_fn(
+                f"warning: the checkpoint at step {step} is damaged ({problem}); "
+                f"moved it to {_move_aside(directory, step)}."
+            )
     options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints_to_keep if config else None, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def _unlistable_steps(directory: str) -> dict[int, str]:
+    """Steps whose `_CHECKPOINT_METADATA` is JSON that orbax rejects -> the problem (unparsable files orbax skips)."""
+    steps = {}
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    for name in sorted((name for name in names if name.isdigit()), key=int):
+        path = os.path.join(directory, name, STEP_METADATA)
+        try:
+            with open(path, "rb") as file:
+                json.loads(file.read())
+        except (OSError, ValueError):
+            continue
+        try:
+            ocp.metadata.get_step_metadata(os.path.join(directory, name))
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            steps[int(name)] = f"{STEP_METADATA} is not orbax's step metadata: {_first_line(error)}"
+    return steps
 
 
 def state_checksum(state) -> str:
@@ -110,8 +161,10 @@ def _read_json(manager: ocp.CheckpointManager, step: int, name: str):
             return json.loads(file.read())
     except FileNotFoundError:
         raise DamagedCheckpoint(manager.directory, step, f"{name} is missing") from None
-    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
-        raise DamagedCheckpoint(manager.directory, step, f"{name} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise DamagedCheckpoint(manager.directory, step, f"{name} cannot be read ({error.strerror})") from None
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedCheckpoint(manager.directory, step, f"{name} is not valid JSON: {error}") from None
 
 
 def _stored_checksum(manager: ocp.CheckpointManager, step: int) -> str | None:
@@ -120,11 +173,17 @@ def _stored_checksum(manager: ocp.CheckpointManager, step: int) -> str | None:
     for name in REQUIRED_FILES:
         if not os.path.isfile(os.path.join(directory, name)):
             raise DamagedCheckpoint(manager.directory, step, f"{name} is missing")
-    for name in JSON_FILES:
+    array_metadatas = os.path.join("state", "array_metadatas")  # one JSON file per process
+    names = list(JSON_FILES)
+    if os.path.isdir(os.path.join(directory, array_metadatas)):
+        names += [os.path.join(array_metadatas, name) for name in os.listdir(os.path.join(directory, array_metadatas))]
+    for name in names:
         if os.path.exists(os.path.join(directory, name)):
             _read_json(manager, step, name)
     metadata = _read_json(manager, step, STEP_METADATA)
-    custom = metadata.get("custom_metadata") if isinstance(metadata, dict) else None
+    if not isinstance(metadata, dict):
+        raise DamagedCheckpoint(manager.directory, step, f"{STEP_METADATA} holds no step metadata")
+    custom = metadata.get("custom_metadata")
     checksum = custom.get(CHECKSUM_KEY) if isinstance(custom, dict) else None
     if checksum is not None and not isinstance(checksum, str):
         raise DamagedCheckpoint(manager.directory, step, f"{STEP_METADATA} holds no valid checksum")
@@ -228,29 +287,31 @@ def restore_latest_intact(
         return state, used
     if damaged:
         problems = "; ".join(f"step {error.step}: {error.problem}" for error in damaged)
-        raise TrainingError(
-            f"No intact checkpoint in {manager.directory} ({problems}). "
-            "Restore the files, or move the checkpoints away to start afresh."
-        )
+        raise TrainingError(f"No intact checkpoint in {manager.directory} ({problems}). {REFUSAL_FIX}")
     return None
 
 
 def set_aside(manager: ocp.CheckpointManager, step: int) -> str:
     """Moves the checkpoint at `step` to WORKDIR/damaged/STEP (STEP.1, ... when taken), where orbax no longer sees
     it; returns the new path."""
+    destination = _move_aside(os.fspath(manager.directory), step)
+    manager.reload()
+    return destination
+
+
+def _move_aside(directory: str, step: int) -> str:
     if jax.process_count() > 1:  # every process sees the same names before one of them moves the directory
         multihost_utils.sync_global_devices(f"find a place for checkpoint {step}")
-    damaged = os.path.join(os.path.dirname(os.fspath(manager.directory)), "damaged")
+    damaged = os.path.join(os.path.dirname(directory), "damaged")
     destination, copy = os.path.join(damaged, str(step)), 0
     while os.path.exists(destination):
         copy += 1
         destination = os.path.join(damaged, f"{step}.{copy}")
     if jax.process_index() == 0:
         os.makedirs(damaged, exist_ok=True)
-        os.rename(_step_directory(manager, step), destination)
+        os.rename(os.path.join(directory, str(step)), destination)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
-    manager.reload()
     return destination
 
 

@@ -3,7 +3,7 @@
 The steps (`slotjax.train.step`) are compiled with `jax.jit` over a device mesh: the batch is sharded along
 the mesh's "data" axis and the state is replicated, so the same code runs on one device, all local devices,
 or several hosts. Checkpoints (orbax) are written atomically; rerunning with the same work directory resumes
-from the last one.
+from the newest intact one.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def train_and_evaluate(
         f"{config.batch_size // len(devices)} examples each"
     )
     logger = Logger(workdir)
-    manager = checkpoint_manager(workdir, config)
+    manager = checkpoint_manager(workdir, config, print_fn)
     state = trainer.initial_state()
     restored = restore_latest_intact(manager, lambda _: state, config, print_fn)
     if restored is not None:
@@ -323,7 +323,7 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, split: str = "validation", print_fn: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir` on `split`, logging metrics and pictures there."""
-    manager = checkpoint_manager(workdir)
+    manager = checkpoint_manager(workdir, print_fn=print_fn)
     if manager.latest_step() is None:
         raise TrainingError(
             f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same --workdir."
