@@ -47,8 +47,8 @@ REQUIRED_FILES = (
     os.path.join("state", "_METADATA"),
     os.path.join("state", "manifest.ocdbt"),
 )
-REFUSAL_FIX = "Restore the files, or move the checkpoints away to start afresh."
 JSON_FILES = (STEP_METADATA, CONFIG_FILE, os.path.join("state", "_METADATA"), os.path.join("state", "_sharding"))
+REFUSAL_FIX = "Restore the files, or move the checkpoints away to start afresh."
 
 
 class TrainingError(RuntimeError):
@@ -59,8 +59,8 @@ class DamagedCheckpoint(TrainingError):
     """A checkpoint whose files are missing, unreadable or altered."""
 
     def __init__(self, directory, step: int, problem: str):
-        self.directory, self.step, self.problem = os.fspath(directory), step, problem
-        super().__init__(f"The checkpoint at step {step} in {self.directory} is damaged: {problem}.")
+        self.directory, self.step, self.problem = os.fspath(directory), step, problem.rstrip(".")
+        super().__init__(f"The checkpoint at step {step} in {self.directory} is damaged: {self.problem}.")
 
 
 class _ReportedWhenRestored(logging.Filter):
