@@ -111,6 +111,8 @@ def test_step_metadata_that_orbax_rejects_is_set_aside_before_the_steps_are_list
     save_steps(tmp_path, config, 1, 2, 3)
     for step in (2, 3):
         open(tmp_path / "checkpoints" / str(step) / "_CHECKPOINT_METADATA", "w").write('{"custom_metadata": 3}')
+    assert "_CHECKPOINT_METADATA is not orbax's step metadata" in checkpoints.verify_checkpoint(str(tmp_path), 3)
+    assert (tmp_path / "checkpoints" / "3").is_dir()  # verifying moves nothing
     lines = []
     manager = checkpoints.checkpoint_manager(str(tmp_path), config, lines.append)
     assert manager.all_steps() == [1]

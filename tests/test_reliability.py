@@ -278,6 +278,12 @@ def test_nonfinite_loss_skip_stops_after_too_many_bad_batches_in_a_row(tmp_path,
         np.testing.assert_array_equal(np.asarray(kept), np.asarray(trained))
 
 
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_skip_limit_that_is_no_positive_integer_is_refused(limit):
+    with pytest.raises(ValueError, match=f"nonfinite_skip_limit must be an integer >= 1, got {limit!r}"):
+        trainer.Trainer(tiny_config(nonfinite_skip_limit=limit))
+
+
 def test_evaluation_shows_nonfinite_metrics_as_nan_and_flags_them(tmp_path):
     run = trainer.Trainer(tiny_config(num_eval_examples=8))
     broken = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), run.initial_state().params)

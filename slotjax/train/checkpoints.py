@@ -151,50 +151,54 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, config: m
     manager.wait_until_finished()
 
 
-def _step_directory(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(os.fspath(manager.directory), str(step))
+def _directory(checkpoints: ocp.CheckpointManager | str) -> str:
+    """The directory of the step directories: the manager's, or the path given."""
+    return os.fspath(checkpoints.directory) if isinstance(checkpoints, ocp.CheckpointManager) else checkpoints
 
 
-def _read_json(manager: ocp.CheckpointManager, step: int, name: str):
+def _read_json(directory: str, step: int, name: str):
     try:
-        with open(os.path.join(_step_directory(manager, step), name), "rb") as file:
+        with open(os.path.join(directory, str(step), name), "rb") as file:
             return json.loads(file.read())
     except FileNotFoundError:
-        raise DamagedCheckpoint(manager.directory, step, f"{name} is missing") from None
+        raise DamagedCheckpoint(directory, step, f"{name} is missing") from None
     except OSError as error:
-        raise DamagedCheckpoint(manager.directory, step, f"{name} cannot be read ({error.strerror})") from None
+        raise DamagedCheckpoint(directory, step, f"{name} cannot be read ({error.strerror})") from None
     except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DamagedCheckpoint(manager.directory, step, f"{name} is not valid JSON: {error}") from None
+        raise DamagedCheckpoint(directory, step, f"{name} is not valid JSON: {error}") from None
 
 
-def _stored_checksum(manager: ocp.CheckpointManager, step: int) -> str | None:
+def _stored_checksum(directory: str, step: int) -> str | None:
     """Checks what is cheap (the files are there, the JSON files parse); returns the stored checksum, if any."""
-    directory = _step_directory(manager, step)
+    step_directory = os.path.join(directory, str(step))
     for name in REQUIRED_FILES:
-        if not os.path.isfile(os.path.join(directory, name)):
-            raise DamagedCheckpoint(manager.directory, step, f"{name} is missing")
+        if not os.path.isfile(os.path.join(step_directory, name)):
+            raise DamagedCheckpoint(directory, step, f"{name} is missing")
     array_metadatas = os.path.join("state", "array_metadatas")  # one JSON file per process
     names = list(JSON_FILES)
-    if os.path.isdir(os.path.join(directory, array_metadatas)):
-        names += [os.path.join(array_metadatas, name) for name in os.listdir(os.path.join(directory, array_metadatas))]
+    if os.path.isdir(os.path.join(step_directory, array_metadatas)):
+        names += [
+            os.path.join(array_metadatas, name) for name in os.listdir(os.path.join(step_directory, array_metadatas))
+        ]
     for name in names:
-        if os.path.exists(os.path.join(directory, name)):
-            _read_json(manager, step, name)
-    metadata = _read_json(manager, step, STEP_METADATA)
+        if os.path.exists(os.path.join(step_directory, name)):
+            _read_json(directory, step, name)
+    metadata = _read_json(directory, step, STEP_METADATA)
     if not isinstance(metadata, dict):
-        raise DamagedCheckpoint(manager.directory, step, f"{STEP_METADATA} holds no step metadata")
+        raise DamagedCheckpoint(directory, step, f"{STEP_METADATA} holds no step metadata")
     custom = metadata.get("custom_metadata")
     checksum = custom.get(CHECKSUM_KEY) if isinstance(custom, dict) else None
     if checksum is not None and not isinstance(checksum, str):
-        raise DamagedCheckpoint(manager.directory, step, f"{STEP_METADATA} holds no valid checksum")
+        raise DamagedCheckpoint(directory, step, f"{STEP_METADATA} holds no valid checksum")
     return checksum
 
 
-def config_from_checkpoint(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-    """The config a checkpoint was trained with."""
-    saved = _read_json(manager, step, CONFIG_FILE)
+def config_from_checkpoint(checkpoints: ocp.CheckpointManager | str, step: int) -> ml_collections.ConfigDict:
+    """The config the checkpoint at `step` was trained with (`checkpoints`: the manager or its directory)."""
+    directory = _directory(checkpoints)
+    saved = _read_json(directory, step, CONFIG_FILE)
     if not isinstance(saved, dict) or any(name not in saved for name in ("task", "resolution", "num_slots")):
-        raise DamagedCheckpoint(manager.directory, step, f"{CONFIG_FILE} holds no slotjax config")
+        raise DamagedCheckpoint(directory, step, f"{CONFIG_FILE} holds no slotjax config")
     return ml_collections.ConfigDict(saved)
 
 
@@ -203,27 +207,28 @@ def array_paths(state) -> set[str]:
     return {"/".join(map(str, path)) for path in ocp.tree.to_flat_dict(state)}
 
 
-def saved_array_paths(manager: ocp.CheckpointManager, step: int) -> set[str]:
+def saved_array_paths(checkpoints: ocp.CheckpointManager | str, step: int) -> set[str]:
     """The paths of the arrays stored in the checkpoint at `step` (from state/_METADATA)."""
-    name = os.path.join("state", "_METADATA")
+    directory, name = _directory(checkpoints), os.path.join("state", "_METADATA")
     try:
         return {
             "/".join(str(key["key"]) for key in entry["key_metadata"])
-            for entry in _read_json(manager, step, name)["tree_metadata"].values()
+            for entry in _read_json(directory, step, name)["tree_metadata"].values()
             if entry["value_metadata"]["value_type"] != "None"
         }
     except (KeyError, TypeError, AttributeError):
-        raise DamagedCheckpoint(manager.directory, step, f"{name} holds no tree metadata") from None
+        raise DamagedCheckpoint(directory, step, f"{name} holds no tree metadata") from None
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, config, step: int | None = None):
-    """Restores the latest (or given) checkpoint into the shape and sharding of `target`.
-
-    Refuses another model's checkpoint (TrainingError) and a damaged one (DamagedCheckpoint).
-    """
-    step = manager.latest_step() if step is None else step
-    checksum = _stored_checksum(manager, step)
-    saved_config = config_from_checkpoint(manager, step)
+def restore_checkpoint(
+    checkpoints: ocp.CheckpointManager | str, target: TrainState, config, step: int | None = None
+) -> TrainState:
+    """Restores the checkpoint at `step` (with a manager, by default its latest) into the shape and sharding of
+    `target`. Refuses another model's checkpoint (TrainingError) and a damaged one (DamagedCheckpoint)."""
+    step = checkpoints.latest_step() if step is None else step
+    directory = _directory(checkpoints)
+    checksum = _stored_checksum(directory, step)
+    saved_config = config_from_checkpoint(directory, step)
     differing = {
         name: (saved_config.get(name), config.get(name))
         for name in MODEL_FIELDS
@@ -232,30 +237,31 @@ def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState, confi
     if differing:
         details = ", ".join(f"{name}: checkpoint {saved!r} vs now {now!r}" for name, (saved, now) in differing.items())
         raise TrainingError(
-            f"The checkpoint at step {step} in {manager.directory} belongs to another model ({details}). "
+            f"The checkpoint at step {step} in {directory} belongs to another model ({details}). "
             "Use the configuration it was trained with, or another --workdir."
         )
-    differing_arrays = sorted(array_paths(target) ^ saved_array_paths(manager, step))
+    differing_arrays = sorted(array_paths(target) ^ saved_array_paths(directory, step))
     if differing_arrays:
         raise TrainingError(
-            f"The checkpoint at step {step} in {manager.directory} holds another training state than this "
+            f"The checkpoint at step {step} in {directory} holds another training state than this "
             f"configuration builds ({len(differing_arrays)} arrays differ, e.g. {differing_arrays[0]}). Use the "
             "configuration it was trained with (the optimiser's grad_clip_norm too), or another --workdir."
         )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     try:
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            state = checkpointer.restore(
+                os.path.join(directory, str(step)), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
     except Exception as error:  # orbax and TensorStore raise many types for files cut short or altered
         _silence_failed_reads()
         raise DamagedCheckpoint(
-            manager.directory, step, f"the arrays in state/ could not be read: {_first_line(error)}"
+            directory, step, f"the arrays in state/ could not be read: {_first_line(error)}"
         ) from None
     if checksum is not None and state_checksum(state) != checksum:
-        raise DamagedCheckpoint(
-            manager.directory, step, f"the arrays in state/ do not match the checksum in {STEP_METADATA}"
-        )
+        raise DamagedCheckpoint(directory, step, f"the arrays in state/ do not match the checksum in {STEP_METADATA}")
     if not _is_finite(state):
-        raise DamagedCheckpoint(manager.directory, step, "the arrays in state/ hold NaN or inf")
+        raise DamagedCheckpoint(directory, step, "the arrays in state/ hold NaN or inf")
     return state
 
 
@@ -317,19 +323,19 @@ def _move_aside(directory: str, step: int) -> str:
 
 def verify_checkpoint(workdir: str, step: int) -> str | None:
     """What is wrong with the checkpoint at `step` in `workdir` (None when it is intact): its files, its JSON, its
-    arrays and their checksum. The model is built from the checkpoint's own config."""
+    arrays and their checksum. It only reads; the model is built from the checkpoint's own config."""
     from slotjax.train.trainer import Trainer
 
-    manager = checkpoint_manager(workdir)
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(os.path.join(directory, str(step))):
+        return f"there is no checkpoint at step {step}"
+    if step in (unlistable := _unlistable_steps(directory)):
+        return unlistable[step]
     try:
-        if step not in manager.all_steps():
-            return f"there is no checkpoint at step {step}"
-        config = config_from_checkpoint(manager, step)
-        restore_checkpoint(manager, Trainer(config).initial_state(), config, step)
+        config = config_from_checkpoint(directory, step)
+        restore_checkpoint(directory, Trainer(config).initial_state(), config, step)
     except DamagedCheckpoint as error:
         return error.problem
-    finally:
-        manager.close()
     return None
 
 

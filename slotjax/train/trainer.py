@@ -100,9 +100,9 @@ class Trainer:
             raise ValueError(
                 f"nonfinite_loss={config.nonfinite_loss!r} is not a policy; use --config.nonfinite_loss=stop or skip."
             )
-        skip_limit = config.get("nonfinite_skip_limit", 10)
-        if isinstance(skip_limit, bool) or not isinstance(skip_limit, int) or skip_limit < 1:
-            raise ValueError(f"nonfinite_skip_limit must be an integer >= 1, got {skip_limit!r}.")
+        self.skip_limit = config.get("nonfinite_skip_limit", 10)  # 10 for configs saved without the field
+        if not isinstance(self.skip_limit, int) or self.skip_limit < 1:
+            raise ValueError(f"nonfinite_skip_limit must be an integer >= 1, got {self.skip_limit!r}.")
         # the most objects a scene of the data set holds: the embedded scenes' setting, up to 10 in CLEVR
         max_objects = config.max_objects if config.dataset == "scenes" else MAX_OBJECTS
         if config.task == "set_prediction" and config.num_slots < max_objects:
@@ -242,7 +242,6 @@ def train_and_evaluate(
     timer_start, timer_step = None, start_step
     evaluated = False
     skipped = 0  # non-finite batches in a row
-    skip_limit = config.get("nonfinite_skip_limit", 10)
     with _StopRequest() as stop:
         for step in range(start_step, config.num_train_steps):
             state, step_metrics = trainer.train_step(state, trainer.shard(next(batches)))
@@ -255,7 +254,7 @@ def train_and_evaluate(
                         message + f" Stopped; the last good checkpoint is step {manager.latest_step()}. "
                         "Lower the learning rate, or set --config.nonfinite_loss=skip to skip such batches."
                     )
-                if skipped >= skip_limit:
+                if skipped >= trainer.skip_limit:
                     raise TrainingError(
                         message + f" Stopped after {skipped} non-finite batches in a row "
                         f"(--config.nonfinite_skip_limit); the last good checkpoint is step {manager.latest_step()}. "
