@@ -30,6 +30,7 @@ def common(preset: str) -> ml_collections.ConfigDict:
     # 0 = one per core (the most that divide the batch sizes, at least num_devices), 1 = one multi-threaded device
     config.cpu_devices = 0
     config.nonfinite_loss = "stop"  # "stop" training, or "skip" the batch
+    config.nonfinite_skip_limit = 10  # with "skip": stop after this many non-finite batches in a row
     config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 parameters, softmax, normalisations)
     config.remat_decoder = False  # recompute the decoder's activations in the backward pass (less memory)
     # Embedded data set: objects per scene (the data set itself, not the model).

@@ -18,6 +18,8 @@ Command line (training checkpoint <-> torch_reference weights; the paper's Tenso
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -49,6 +51,9 @@ PARENT_RENAMES: dict[type, dict[str, str]] = {
         "hidden_dense.bias": "bias_hh",
     },
 }
+
+
+CHECKSUM_KEY = "tensors_sha256"  # metadata of the weights files written here; files without it load unchecked
 
 
 class ConversionError(ValueError):
@@ -160,25 +165,37 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def tensors_checksum(state_dict: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the name, dtype, shape and bytes of every tensor, in the order of their names."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        array = np.ascontiguousarray(state_dict[name])
+        digest.update(f"{name}\0{array.dtype.str}{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def save_weights(module: nnx.Module, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Writes the module's torch-layout weights to `path` (.safetensors, or .pt), atomically.
 
     `metadata` (strings) goes into the safetensors header, or next to the
     state dict of a .pt file; `torch_reference.load_model` reads the model's
-    description from there.
+    description from there. The tensors' checksum (`tensors_checksum`) goes there too, and reading the file
+    checks it.
     """
     state_dict = flax_to_torch(module)
+    metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_checksum(state_dict)}
     path = os.fspath(path)
     temporary = f"{path}.tmp-{os.getpid()}"
     if path.endswith((".pt", ".pth")):
         import torch
 
         tensors = {name: torch.tensor(value) for name, value in state_dict.items()}
-        torch.save({"state_dict": tensors, "metadata": dict(metadata or {})}, temporary)
+        torch.save({"state_dict": tensors, "metadata": metadata}, temporary)
     else:
         from safetensors.numpy import save_file
 
-        save_file(state_dict, temporary, metadata=dict(metadata or {}))
+        save_file(state_dict, temporary, metadata=metadata)
     os.replace(temporary, path)
 
 
@@ -193,7 +210,19 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def _read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(state dict, metadata) of a weights file, checked against the checksum in its metadata where it has one."""
     path = os.fspath(path)
+    state_dict, metadata = _read_unchecked(path)
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is not None and stored != tensors_checksum(state_dict):
+        raise ConversionError(
+            f"The tensors in {path!r} do not match the checksum ({CHECKSUM_KEY}) in its metadata: "
+            "the file was altered after it was written. Export it again."
+        )
+    return state_dict, metadata
+
+
+def _read_unchecked(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"No weights file at {path!r}.")
     if path.endswith((".pt", ".pth")):
@@ -257,15 +286,34 @@ def save_model_weights(model: nnx.Module, config, step: int, output: str) -> str
     return output
 
 
+@contextlib.contextmanager
+def _checkpoint_manager(workdir: str, config=None, print_fn=print):
+    """The work directory's checkpoint manager, closed after use; the refusals of `slotjax.train.checkpoints`
+    (a damaged checkpoint, another model's) become ConversionErrors."""
+    from slotjax.train import checkpoints
+
+    manager = None
+    try:
+        manager = checkpoints.checkpoint_manager(workdir, config, print_fn)
+        yield manager
+    except checkpoints.TrainingError as error:
+        raise ConversionError(str(error)) from None
+    finally:
+        if manager is not None:
+            manager.close()
+
+
 def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
     """Writes the model's parameters as a training checkpoint at `step` in `workdir` (a fresh optimiser state).
 
-    Refuses a work directory that already holds checkpoints of another model, or one at this step.
+    Refuses a work directory that already holds checkpoints of another model or training state, or one at this
+    step or a later one (a resumed run would start from that one, not from these weights).
     """
     from slotjax.train import checkpoints, trainer
 
-    manager = checkpoints.checkpoint_manager(workdir, config)
-    try:
+    with _checkpoint_manager(workdir, config) as manager:
+        state = trainer.Trainer(config).initial_state()
+        state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(step, jnp.int32))
         latest = manager.latest_step()
         if latest is not None:
             saved = checkpoints.config_from_checkpoint(manager, latest)
@@ -274,38 +322,51 @@ def write_checkpoint(model: nnx.Module, config, step: int, workdir: str) -> str:
                 for field in checkpoints.MODEL_FIELDS
                 if saved.get(field) != config.get(field)
             ]
+            if not differing and checkpoints.saved_array_paths(manager, latest) != checkpoints.array_paths(state):
+                differing = [f"grad_clip_norm: {saved.get('grad_clip_norm')!r} there, {config.grad_clip_norm!r} here"]
             if differing:
                 raise ConversionError(
                     f"{workdir!r} holds checkpoints of another model ({', '.join(differing)}); "
                     "choose a new --output directory."
                 )
-            if step in manager.all_steps():
+            if step <= latest:
                 raise ConversionError(
-                    f"{workdir!r} already holds a checkpoint at step {step}; choose a new --output directory."
+                    f"{workdir!r} already holds a checkpoint at step {latest}, not older than the weights' step "
+                    f"{step}, so training would not resume from them; choose a new --output directory."
                 )
-        state = trainer.Trainer(config).initial_state()
-        state = state.replace(params=nnx.state(model, nnx.Param), step=jnp.asarray(step, jnp.int32))
         checkpoints.save_checkpoint(manager, state, config)
-    finally:
-        manager.close()
     return workdir
 
 
-def restore_model(workdir: str, step: int | None = None):
-    """(model, config, step) of the training checkpoint in `workdir` (the latest, or `step`)."""
+def restore_model(workdir: str, step: int | None = None, print_fn=print):
+    """(model, config, step) of the training checkpoint in `workdir` (the latest intact one, or `step`).
+
+    Damaged checkpoints newer than the latest intact one are set aside with one warning line each
+    (`checkpoints.restore_latest_intact`); a damaged `step` is refused.
+    """
     from slotjax.train import checkpoints, trainer
     from slotjax.train import step as steps
 
-    manager = checkpoints.checkpoint_manager(workdir)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ConversionError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}.")
-    config = checkpoints.config_from_checkpoint(manager, step)
+    def target(config):
+        return trainer.Trainer(config).initial_state()
+
+    with _checkpoint_manager(workdir, print_fn=print_fn) as manager:
+        if step is None:
+            restored = checkpoints.restore_latest_intact(manager, target, print_fn=print_fn)
+            if restored is None:
+                raise ConversionError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}.")
+            state, config = restored
+        elif step not in manager.all_steps():
+            raise ConversionError(
+                f"No checkpoint at step {step} in {os.path.join(workdir, 'checkpoints')} "
+                f"(steps: {list(manager.all_steps()) or 'none'})."
+            )
+        else:
+            config = checkpoints.config_from_checkpoint(manager, step)
+            state = checkpoints.restore_checkpoint(manager, target(config), config, step)
     model = steps.build_model(config)
-    state = checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
     nnx.update(model, state.params)
-    manager.close()
-    return model, config, step
+    return model, config, int(state.step)
 
 
 def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) -> str:

@@ -11,8 +11,9 @@ from slotjax.data import encoding, scenes
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] floats -> uint8."""
-    return np.clip(np.round((np.asarray(images) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """[-1, 1] floats -> uint8; NaN (a diverged model's output) is drawn black."""
+    images = np.nan_to_num(np.asarray(images, np.float32), nan=-1.0, posinf=1.0, neginf=-1.0)
+    return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 MIN_TILE_SIZE = 96  # small images are enlarged (nearest neighbour) so that a column label fits above them

@@ -38,6 +38,7 @@ from slotjax import convert, cpu_devices
 from slotjax.data import pipeline, scenes
 from slotjax.train import checkpoints, losses, metrics, trainer
 from slotjax.train import step as steps
+from slotjax.train.logger import Logger
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -180,12 +181,14 @@ def reference_run(tmp_path_factory, subprocess_env):
 
 
 def poison_step(monkeypatch, bad_step):
-    """The loss (and so every gradient) of training step `bad_step` (0-based) becomes NaN."""
+    """The loss (and so every gradient) of training step `bad_step` (0-based; or of each step in a range) becomes
+    NaN."""
     original_batches, original_loss = pipeline.train_batches, steps.compute_loss
+    bad_steps = bad_step if isinstance(bad_step, range) else range(bad_step, bad_step + 1)
 
     def train_batches(config, start_step, *args):
         for step, batch in enumerate(original_batches(config, start_step, *args), start_step):
-            yield {**batch, "poison": np.full(len(batch["image"]), step == bad_step, np.float32)}
+            yield {**batch, "poison": np.full(len(batch["image"]), step in bad_steps, np.float32)}
 
     def compute_loss(task, outputs, batch):
         loss = original_loss(task, outputs, batch)
@@ -246,6 +249,56 @@ def test_nonfinite_loss_skip_goes_on_with_the_parameters_before_the_bad_batch(tm
         np.testing.assert_array_equal(np.asarray(new), np.asarray(old))  # the bad batch changed nothing
     assert all_finite(after.params) and all_finite(restore(tmp_path, config, 5).params)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(after.params)))
+
+
+def test_nonfinite_loss_skip_stops_after_too_many_bad_batches_in_a_row(tmp_path, monkeypatch):
+    """A model that is non-finite on every batch does not skip forever, and its checkpoints stay the good ones."""
+    config = tiny_config(
+        num_iterations=1,
+        num_train_steps=20,
+        checkpoint_every=1,
+        max_checkpoints_to_keep=2,
+        eval_every=100,
+        nonfinite_loss="skip",
+        nonfinite_skip_limit=3,
+    )
+    poison_step(monkeypatch, bad_step=range(2, 100))
+    lines = []
+    with pytest.raises(
+        trainer.TrainingError,
+        match=r"not finite at step 5 \(nan\)\. Stopped after 3 non-finite batches in a row "
+        r"\(--config.nonfinite_skip_limit\); the last good checkpoint is step 4",
+    ):
+        trainer.train_and_evaluate(config, str(tmp_path), print_fn=lines.append)
+    assert sum("Skipped that batch" in line for line in lines) == 2
+    assert checkpoint_names(tmp_path) == ["3", "4"]
+    good = restore(tmp_path, config, 4)
+    assert all_finite(good.params)
+    for kept, trained in zip(jax.tree.leaves(good.params), jax.tree.leaves(restore(tmp_path, config, 3).params)):
+        np.testing.assert_array_equal(np.asarray(kept), np.asarray(trained))
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_skip_limit_that_is_no_positive_integer_is_refused(limit):
+    with pytest.raises(ValueError, match=f"nonfinite_skip_limit must be an integer >= 1, got {limit!r}"):
+        trainer.Trainer(tiny_config(nonfinite_skip_limit=limit))
+
+
+def test_evaluation_shows_nonfinite_metrics_as_nan_and_flags_them(tmp_path):
+    run = trainer.Trainer(tiny_config(num_eval_examples=8))
+    broken = jax.tree.map(lambda leaf: jnp.full_like(leaf, jnp.nan), run.initial_state().params)
+    lines = []
+    results = trainer.evaluate_and_log(run, broken, 1, "validation", Logger(str(tmp_path)), lines.append)
+    assert np.isnan(results["loss"]) and np.isnan(results["mse"])
+    assert re.search(r"loss nan .*mse nan.*  NOT FINITE: .*loss, mse", lines[0]), lines
+    assert np.isnan(read_rows(tmp_path, "validation")[0]["loss"])
+
+
+def test_only_undefined_ari_examples_are_left_out_of_the_means():
+    values = np.array([0.5, np.nan, 1.0])
+    assert trainer._mean("fg_ari", values) == 0.75  # an image without foreground: FG-ARI is undefined
+    assert np.isnan(trainer._mean("fg_ari", np.full(3, np.nan)))  # no image with foreground: nan, never 0
+    assert np.isnan(trainer._mean("loss", values)) and np.isinf(trainer._mean("mse", np.array([1.0, np.inf])))
 
 
 @pytest.mark.slow
@@ -419,6 +472,34 @@ def test_a_broken_safetensors_file_gives_a_conversion_error(weights_file, how):
         convert.load_weights(weights_file)
     with pytest.raises(convert.ConversionError):
         convert.load_metadata(weights_file)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_altered_tensors_in_a_weights_file_give_a_conversion_error(tmp_path, suffix):
+    """40 bytes changed inside a tensor make a file that still parses: the checksum in its metadata finds them."""
+    path = tmp_path / f"weights{suffix}"
+    module = slotjax.SlotAttention(3, 8, mlp_hidden_size=8, rngs=nnx.Rngs(0))
+    convert.save_weights(module, path, {"step": "1"})
+    assert convert.load_metadata(path)[convert.CHECKSUM_KEY] == convert.tensors_checksum(convert.flax_to_torch(module))
+    data = bytearray(path.read_bytes())
+    original = convert.flax_to_torch(module)["slots_mu"].tobytes()
+    start = data.find(original)  # where the tensor's bytes lie (in a .pt, inside its zip archive, uncompressed)
+    assert start > 0
+    data[start : start + 40] = bytes(byte ^ 0x55 for byte in data[start : start + 40])
+    path.write_bytes(bytes(data))
+    with pytest.raises(convert.ConversionError, match=f"The tensors in '{path}' do not match the checksum"):
+        convert.load_weights(path)
+
+
+def test_weights_without_a_checksum_still_load(tmp_path):
+    """Files from other tools carry no checksum: they load as before."""
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "weights.safetensors"
+    state_dict = convert.flax_to_torch(slotjax.SlotAttention(3, 8, rngs=nnx.Rngs(0)))
+    save_file(state_dict, str(path), metadata={"step": "1"})
+    loaded = convert.load_weights(path)
+    assert sorted(loaded) == sorted(state_dict) and convert.load_metadata(path) == {"step": "1"}
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 The steps (`slotjax.train.step`) are compiled with `jax.jit` over a device mesh: the batch is sharded along
 the mesh's "data" axis and the state is replicated, so the same code runs on one device, all local devices,
 or several hosts. Checkpoints (orbax) are written atomically; rerunning with the same work directory resumes
-from the last one.
+from the newest intact one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from slotjax.train import metrics
 from slotjax.train.checkpoints import (
     TrainingError,
     checkpoint_manager,
-    restore_checkpoint,
+    restore_latest_intact,
     save_checkpoint,
 )
 from slotjax.train.logger import Logger
@@ -37,6 +37,7 @@ from slotjax.train.optim import learning_rate_schedule, make_optimizer
 from slotjax.train.step import StepDef, TrainState, build_model, eval_step, task_loss, train_step
 
 PICTURE_EXAMPLES = 8  # examples of the first evaluation batch drawn in the picture
+UNDEFINED_PER_EXAMPLE = ("fg_ari", "ari")  # NaN for an image without (foreground) pixels: averaged over the others
 
 
 def initialize_distributed(
@@ -99,6 +100,9 @@ class Trainer:
             raise ValueError(
                 f"nonfinite_loss={config.nonfinite_loss!r} is not a policy; use --config.nonfinite_loss=stop or skip."
             )
+        self.skip_limit = config.get("nonfinite_skip_limit", 10)  # 10 for configs saved without the field
+        if not isinstance(self.skip_limit, int) or self.skip_limit < 1:
+            raise ValueError(f"nonfinite_skip_limit must be an integer >= 1, got {self.skip_limit!r}.")
         # the most objects a scene of the data set holds: the embedded scenes' setting, up to 10 in CLEVR
         max_objects = config.max_objects if config.dataset == "scenes" else MAX_OBJECTS
         if config.task == "set_prediction" and config.num_slots < max_objects:
@@ -166,8 +170,7 @@ class Trainer:
                 targets.append(gathered["targets"])
             if picture is None:
                 picture = self.picture(gathered["picture"])
-        # FG-ARI is undefined (NaN) for images without foreground: averaged over the others
-        results = {name: _mean_of_finite(np.concatenate(values)) for name, values in scores.items()}
+        results = {name: _mean(name, np.concatenate(values)) for name, values in scores.items()}
         if set_prediction:
             results.update(
                 metrics.average_precision_at_thresholds(np.concatenate(predictions), np.concatenate(targets))
@@ -188,9 +191,11 @@ class Trainer:
         return visualize.set_prediction_grid(pictured["image"], pictured["predictions"], pictured["target"])
 
 
-def _mean_of_finite(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(finite.mean()) if finite.size else 0.0
+def _mean(name: str, values: np.ndarray) -> float:
+    """The mean over the examples; NaN or inf when an example's value is (a metric's undefined examples aside)."""
+    if name in UNDEFINED_PER_EXAMPLE:
+        values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
 
 
 class _StopRequest:
@@ -225,29 +230,37 @@ def train_and_evaluate(
         f"{config.batch_size // len(devices)} examples each"
     )
     logger = Logger(workdir)
-    manager = checkpoint_manager(workdir, config)
+    manager = checkpoint_manager(workdir, config, print_fn)
     state = trainer.initial_state()
-    if manager.latest_step() is not None:
-        state = restore_checkpoint(manager, state, config)
+    restored = restore_latest_intact(manager, lambda _: state, config, print_fn)
+    if restored is not None:
+        state = restored[0]
         print_fn(f"Resuming from the checkpoint at step {int(state.step)} in {workdir}.")
     start_step = int(state.step)
     batches = pipeline.train_batches(config, start_step, jax.process_index(), jax.process_count())
     last_eval: dict[str, float] = {}
     timer_start, timer_step = None, start_step
     evaluated = False
+    skipped = 0  # non-finite batches in a row
     with _StopRequest() as stop:
         for step in range(start_step, config.num_train_steps):
             state, step_metrics = trainer.train_step(state, trainer.shard(next(batches)))
             done = step + 1  # steps are numbered from 1, as in metrics.jsonl and the checkpoints
-            if not bool(step_metrics["finite"]):
+            skipped = 0 if bool(step_metrics["finite"]) else skipped + 1
+            if skipped:
                 message = f"The loss is not finite at step {done} ({float(step_metrics['loss'])})."
-                if config.nonfinite_loss == "skip":
-                    print_fn(message + " Skipped that batch (nonfinite_loss='skip').")
-                else:
+                if config.nonfinite_loss == "stop":
                     raise TrainingError(
                         message + f" Stopped; the last good checkpoint is step {manager.latest_step()}. "
                         "Lower the learning rate, or set --config.nonfinite_loss=skip to skip such batches."
                     )
+                if skipped >= trainer.skip_limit:
+                    raise TrainingError(
+                        message + f" Stopped after {skipped} non-finite batches in a row "
+                        f"(--config.nonfinite_skip_limit); the last good checkpoint is step {manager.latest_step()}. "
+                        "Lower the learning rate, or check the data."
+                    )
+                print_fn(message + " Skipped that batch (nonfinite_loss='skip').")
             if timer_start is None:  # the first step compiled; time from here
                 timer_start, timer_step = time.perf_counter(), done
             if done % config.log_every == 0 or done == config.num_train_steps:
@@ -295,10 +308,12 @@ def evaluate_and_log(
     results, picture = trainer.evaluate(params, split)
     logger.scalars(step, split, results)
     path = logger.picture(step, split, picture)
+    nonfinite = [name for name, value in results.items() if not np.isfinite(value)]
     print_fn(
         f"eval {split} at step {step}: "
         + "  ".join(f"{name} {value:.4f}" for name, value in results.items())
         + (f"  (pictures: {path})" if path else "")
+        + (f"  NOT FINITE: {', '.join(nonfinite)}" if nonfinite else "")
     )
     return results
 
@@ -307,13 +322,13 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, split: str = "validation", print_fn: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir` on `split`, logging metrics and pictures there."""
-    manager = checkpoint_manager(workdir)
+    manager = checkpoint_manager(workdir, print_fn=print_fn)
     if manager.latest_step() is None:
         raise TrainingError(
             f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same --workdir."
         )
     trainer = Trainer(config)
-    state = restore_checkpoint(manager, trainer.initial_state(), config)
+    state, _ = restore_latest_intact(manager, lambda _: trainer.initial_state(), config, print_fn)
     results = evaluate_and_log(trainer, state.params, int(state.step), split, Logger(workdir), print_fn)
     if config.task == "set_prediction":
         print_fn(format_ap_table(results))
