@@ -8,23 +8,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from slotjax.train.runs import MODEL_FIELDS, TrainingError
 from slotjax.train.step import TrainState
-
-# Fields that decide the model's parameters: a checkpoint only fits a model built with the same values.
-MODEL_FIELDS = (
-    "task",
-    "resolution",
-    "num_slots",
-    "slot_size",
-    "encoder_features",
-    "decoder_features",
-    "mlp_hidden_size",
-    "head_hidden_size",
-)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint of another model)."""
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict | None = None) -> ocp.CheckpointManager:
