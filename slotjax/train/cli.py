@@ -41,11 +41,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     preset = "cpu" if preset == "auto" else preset  # auto: new_run_config switches to official for real data
     try:  # the config flag applies the --config.FIELD overrides as it is defined
         config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, f"{task}.py:{preset}"), "Configuration.")
-        return FLAGS(argv)
-    except flags.Error as error:
-        sys.exit(f"error: {error}")
+        remaining = FLAGS(argv)
+        FLAGS.config.keys()  # a config file given by --config loads here
+        return remaining
+    except flags.Error as error:  # also a config file whose get_config raises: its traceback in the message
+        sys.exit(f"error: {_one_line(error)}")
     except (AttributeError, KeyError) as error:  # an override of a field the config does not have
         sys.exit(unknown_field(argv, configs.get_config(task, preset)) or f"error: {error}")
+    except Exception as error:  # the config file is missing or not Python
+        sys.exit(f"error: the --config file does not load: {_one_line(error).split(': ', 1)[-1]}")
+
+
+def _one_line(error: Exception) -> str:
+    """A message that spans lines (a config file's traceback) as its first line and its last."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
 
 
 def unknown_field(argv: list[str], config) -> str | None:

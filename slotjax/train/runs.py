@@ -29,7 +29,21 @@ MODEL_FIELDS = (
 )
 COMPUTE_DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
-POSITIVE_FIELDS = ("batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every")
+POSITIVE_FIELDS = (
+    "batch_size",
+    "eval_batch_size",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "resolution",
+    "num_slots",
+    "num_iterations",
+    "slot_size",
+    "encoder_features",
+    "decoder_features",
+    "mlp_hidden_size",
+    "head_hidden_size",
+)
 NON_NEGATIVE_FIELDS = ("num_train_steps", "num_devices", "cpu_devices")
 
 
@@ -58,7 +72,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "embedded scenes) for set prediction, or --task=discovery."
         )
     for name, least in [(name, 1) for name in POSITIVE_FIELDS] + [(name, 0) for name in NON_NEGATIVE_FIELDS]:
-        value = config.get(name, least)
+        value = config.get(name, least)  # a task's config has only its model's fields
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}: set --config.{name}.")
     if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
