@@ -12,8 +12,16 @@ line; Ctrl-C or SIGTERM saves a checkpoint and exits 130 or 143 (slotjax/train/c
 """
 
 import os
+import signal
 import sys
 
+
+def stopped_while_starting(signum, frame=None):
+    print(f"Stopped by {signal.Signals(signum).name}; nothing was saved.", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, stopped_while_starting)  # until slotjax.train.cli takes over
 try:
     from absl import app, flags
 
@@ -22,8 +30,7 @@ try:
     from slotjax.data.files import SPLITS
     from slotjax.train import cli
 except KeyboardInterrupt:  # Ctrl-C while Python imports JAX
-    print("Stopped by SIGINT; nothing was saved.", file=sys.stderr)
-    sys.exit(130)
+    stopped_while_starting(signal.SIGINT)
 
 flags.DEFINE_enum("task", "discovery", TASKS, "Which model and task (short for --config=configs/TASK.py).")
 flags.DEFINE_enum("preset", "auto", configs.PRESETS, "Preset of --task: official, cpu or auto (cpu on scenes).")

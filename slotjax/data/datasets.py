@@ -356,7 +356,7 @@ def _clevr_builder(data_dir: str, download: bool) -> tfds.core.DatasetBuilder:
         builder = tfds.builder(CLEVR_TFDS_NAME, data_dir=data_dir)
     except Exception as error:  # TFDS's errors (RuntimeError, ValueError, ...) on damaged metadata
         raise CorruptRecordError(
-            f"Could not read the prepared CLEVR in {directory!r}: {str(error).splitlines()[0]}. "
+            f"Could not read the prepared CLEVR in {directory!r}: {str(error).splitlines()[0].rstrip('.')}. "
             + files.clevr_instructions(data_dir)
         ) from error
     if not prepared:
