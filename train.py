@@ -16,21 +16,25 @@ import signal
 import sys
 
 
-def stopped_while_starting(signum, frame=None):
-    print(f"Stopped by {signal.Signals(signum).name}; nothing was saved.", file=sys.stderr)
-    sys.exit(128 + signum)
+def stopped_while_starting(signum, frame):
+    """Ctrl-C or SIGTERM before training saves anything: one line and the status 128 + the signal, at once."""
+    try:
+        sys.stdout.flush()
+    except Exception:  # interrupted in the middle of a print
+        pass
+    os.write(2, f"Stopped by {signal.Signals(signum).name}; nothing was saved.\n".encode())
+    os._exit(128 + signum)
 
 
-signal.signal(signal.SIGTERM, stopped_while_starting)  # until slotjax.train.cli takes over
-try:
-    from absl import app, flags
+for signum in (signal.SIGINT, signal.SIGTERM):  # the training loop takes them over to save first
+    signal.signal(signum, stopped_while_starting)
 
-    import configs
-    from slotjax import TASKS
-    from slotjax.data.files import SPLITS
-    from slotjax.train import cli
-except KeyboardInterrupt:  # Ctrl-C while Python imports JAX
-    stopped_while_starting(signal.SIGINT)
+from absl import app, flags  # noqa: E402
+
+import configs  # noqa: E402
+from slotjax import TASKS  # noqa: E402
+from slotjax.data.files import SPLITS  # noqa: E402
+from slotjax.train import cli  # noqa: E402
 
 flags.DEFINE_enum("task", "discovery", TASKS, "Which model and task (short for --config=configs/TASK.py).")
 flags.DEFINE_enum("preset", "auto", configs.PRESETS, "Preset of --task: official, cpu or auto (cpu on scenes).")

@@ -129,9 +129,6 @@ def check_files(dataset: str, data_dir: str, needs: dict[str, int]) -> None:
 
 
 def _check_records(name: str, data_dir: str, needs: dict[str, int]) -> None:
-    path = next((path for path in record_candidates(name, data_dir) if data_dir and os.path.isfile(path)), None)
-    if path is None:
-        raise record_not_found(name, data_dir)
     required = {}
     for split, batch_size in needs.items():
         first, end = RECORD_SPLITS[split]
@@ -141,6 +138,9 @@ def _check_records(name: str, data_dir: str, needs: dict[str, int]) -> None:
                 f"fewer than a batch of {batch_size}; lower the batch size."
             )
         required[split] = first + batch_size
+    path = next((path for path in record_candidates(name, data_dir) if data_dir and os.path.isfile(path)), None)
+    if path is None:
+        raise record_not_found(name, data_dir)
     need = max(required.values(), default=0)
     size = os.path.getsize(path)
     count, complete = count_records(path, need, os.path.getmtime(path), size)

@@ -6,7 +6,8 @@ line for every way it ends.
 - Bad flags, settings and data files: one line "error: ..." on stderr, exit status 1, no traceback. The
   data files are checked before JAX starts (`slotjax.data.files`), then opened by the trainer.
 - SIGINT (Ctrl-C) or SIGTERM: training saves a checkpoint and the run exits with 130 or 143 (128 + the
-  signal, as a shell reports a process that the signal ended); before training, one line and the same status.
+  signal, as a shell reports a process that the signal ended); before training (train.py's handler), one line
+  and the same status at once.
 - A run that has reached num_train_steps says so in one line and exits 0.
 
 The flags are train.py's; `configs` is the repository's configs/ (on the path when run from its root).
@@ -15,7 +16,6 @@ The flags are train.py's; `configs` is the repository's configs/ (on the path wh
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from absl import flags, logging
@@ -73,22 +73,14 @@ def unknown_field(argv: list[str], config) -> str | None:
 
 def main(argv: list[str]) -> None:
     """Runs train.py's command (after `parse_flags`), ending as the module docstring says."""
-    signal.signal(signal.SIGTERM, _interrupt)  # before training, SIGTERM stops the run as Ctrl-C does
     try:
         if len(argv) > 1:
             raise ValueError(f"unexpected arguments {' '.join(argv[1:])!r}; flags are written --name=value.")
         run()
-    except KeyboardInterrupt as error:
-        signum = getattr(error, "signum", signal.SIGINT)
-        if not getattr(error, "saved", False):
-            print(f"Stopped by {signal.Signals(signum).name}; nothing was saved.", file=sys.stderr)
-        sys.exit(128 + signum)
+    except runs.Interrupted as error:  # the trainer saved a checkpoint and said so
+        sys.exit(128 + error.signum)
     except ERRORS as error:
         sys.exit(f"error: {error}")
-
-
-def _interrupt(signum, frame):
-    raise runs.Interrupted(signum)
 
 
 def run() -> None:

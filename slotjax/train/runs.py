@@ -52,11 +52,11 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM ended a run (`saved`: after saving a checkpoint); its exit status is 128 + the signal."""
+    """SIGINT or SIGTERM stopped training after it saved a checkpoint; train.py exits with 128 + the signal."""
 
-    def __init__(self, signum: int, saved: bool = False):
+    def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum, self.saved = int(signum), saved
+        self.signum = int(signum)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

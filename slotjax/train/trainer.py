@@ -297,7 +297,7 @@ def train_and_evaluate(
                 break
     manager.close()
     if stop.signal_name:
-        raise Interrupted(signal.Signals[stop.signal_name], saved=True)
+        raise Interrupted(signal.Signals[stop.signal_name])
     return last_eval
 
 
