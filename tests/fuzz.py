@@ -210,7 +210,7 @@ def flag_case(directory: Path, fixtures: dict, arguments: list[str], names: str,
     if "--task=set_prediction" in arguments:  # a field of the discovery model only
         overridden.add("--config.decoder_features")
     flags = [flag for flag in tiny_flags(num_train_steps=2) if flag.split("=")[0] not in overridden]
-    command = [sys.executable, str(REPO / "train.py"), f"--workdir={directory / 'run'}", *flags, *arguments]
+    command = [sys.executable, str(REPO / "train.py"), f"--workdir={directory / 'run'}", *arguments, *flags]
     return Case("flag", " ".join(arguments), command, "refused", names)
 
 

@@ -154,12 +154,13 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
     # and back: safetensors -> a checkpoint with the same parameters; and a model saved by torch_reference
     torch_weights = str(tmp_path / "from_torch.pt")
     assert torch_reference.save_model(reference, torch_weights, step=7) == torch_weights
+    trained = convert.flax_to_torch(run.model(state.params))
     for source, target, step in [(weights, "back", 3), (torch_weights, "from_torch", 7)]:
         convert.main(["--input", source, "--output", str(tmp_path / target)])
-        back = checkpoints.restore_checkpoint(
-            checkpoints.checkpoint_manager(str(tmp_path / target)), run.initial_state(), config
-        )
-        assert int(back.step) == step
-        for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(state.params)):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        model, saved_config, saved_step = convert.restore_model(str(tmp_path / target))
+        assert saved_step == step
+        assert all(saved_config.get(field) == config.get(field) for field in checkpoints.MODEL_FIELDS)
+        for name, value in convert.flax_to_torch(model).items():
+            np.testing.assert_array_equal(value, trained[name])
+    assert saved_config.preset == "official"  # a torch_reference file: the paper's settings, the model's sizes
     assert torch_reference.load_model(torch_weights).arguments == reference.arguments
