@@ -291,6 +291,11 @@ def test_clevr_reads_a_real_tfds_directory(tmp_path):
         num_objects = 3 + clevr_indices(target[None])[0]
         np.testing.assert_array_equal(target[:num_objects, 18], 1)
         np.testing.assert_array_equal(target[num_objects:], 0)
+    datasets.check_dataset("clevr", str(tmp_path), "set_prediction", {"validation": 2})  # reads the first scene
+    shard = next((tmp_path / "clevr" / "3.1.0").glob("clevr-validation.tfrecord-*"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(datasets.CorruptRecordError, match="Could not read .*clevr/3.1.0"):
+        datasets.check_dataset("clevr", str(tmp_path), "discovery", {"validation": 2})
 
 
 def test_missing_clevr_names_the_directory_and_how_to_get_it(tmp_path):

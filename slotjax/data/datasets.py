@@ -233,9 +233,8 @@ def check_dataset(name: str, data_dir: str, task: str, needs: dict[str, int]) ->
     refusing missing, short or unreadable files in one message naming the file (`slotjax.data.files` checks
     what plain Python can first)."""
     files.check_files(name, data_dir, needs)
-    for split in needs:
-        if task == "set_prediction" and name == "clevr" and split == "test":
-            raise ValueError(_CLEVR_TEST_HAS_NO_OBJECTS)
+    if task == "set_prediction" and name == "clevr" and "test" in needs:
+        raise ValueError(_CLEVR_TEST_HAS_NO_OBJECTS)
     if name == "clevr":
         builder = _clevr_builder(data_dir, download=False)
         for split in needs:

@@ -63,7 +63,7 @@ def data_needs(config, splits: Sequence[str]) -> dict[str, int]:
 
 
 def check_files(config, splits: Sequence[str]) -> None:
-    """The plain-Python check of the real data set's files (`slotjax.data.files`): seconds before TensorFlow."""
+    """The plain-Python check of the real data set's files (`slotjax.data.files`), before TensorFlow is imported."""
     if config.dataset != "scenes":
         files.check_files(config.dataset, config.data_dir, data_needs(config, splits))
 

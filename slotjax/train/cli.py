@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
@@ -99,8 +100,6 @@ def run() -> None:
 
     trainer.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     print(f"task {config.task}, data set {config.dataset}, preset {config.preset}, work directory {workdir}")
-    import jax
-
     note = cpu_devices.fewer_devices_note(batch_sizes)
     if note and count == per_core and not config.cpu_devices and jax.default_backend() == "cpu":
         print(note)
