@@ -375,21 +375,55 @@ def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) ->
 
 
 def weights_to_checkpoint(weights: str, workdir: str) -> str:
-    """Torch-layout weights file (made by `checkpoint_to_weights` or torch_reference.save_model) -> a training
+    """Torch-layout weights file (made by `checkpoint_to_weights` or `torch_reference.save_model`) -> a training
     checkpoint in `workdir`, from which `train.py --workdir` evaluates or continues training."""
-    import ml_collections
-
     from slotjax.train import step as steps
 
     metadata = load_metadata(weights)
-    if "config" not in metadata:
+    config = config_from_metadata(metadata, weights)
+    try:
+        model = steps.build_model(config)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # a damaged config
+        raise ConversionError(f"{weights!r} describes a model slotjax cannot build: {error}") from error
+    model = torch_to_flax(load_weights(weights), model)
+    step = metadata.get("step", "0")
+    if not step.isdigit():
+        raise ConversionError(f"{weights!r} holds damaged metadata: its step {step!r} is no integer >= 0.")
+    return write_checkpoint(model, config, int(step), workdir)
+
+
+TORCH_TASKS = {"SlotAutoencoder": "discovery", "SetPredictor": "set_prediction"}
+
+
+def config_from_metadata(metadata: Mapping[str, str], weights: str):
+    """The slotjax config of a weights file: the one slotjax saved with it, or, for a file from
+    `torch_reference.save_model`, the paper's config of its task with the model's constructor arguments."""
+    import ml_collections
+
+    try:
+        described = {key: json.loads(metadata[key]) for key in ("config", "arguments") if key in metadata}
+    except ValueError as error:
+        raise ConversionError(f"{weights!r} holds damaged metadata (not JSON: {error}).") from error
+    if not all(isinstance(value, dict) for value in described.values()):
+        raise ConversionError(f"{weights!r} holds damaged metadata (its config or arguments are no mapping).")
+    if "config" in described:
+        return ml_collections.ConfigDict(described["config"])
+    if metadata.get("model") not in TORCH_TASKS or "arguments" not in described:
         raise ConversionError(
-            f"{weights!r} holds no slotjax config in its metadata; it was not written by slotjax "
-            "or torch_reference.save_model, so the model it belongs to is unknown."
+            f"{weights!r} names no slotjax config or torch_reference model in its metadata; it was not written by "
+            "slotjax or torch_reference.save_model, so the model it belongs to is unknown."
         )
-    config = ml_collections.ConfigDict(json.loads(metadata["config"]))
-    model = torch_to_flax(load_weights(weights), steps.build_model(config))
-    return write_checkpoint(model, config, int(metadata.get("step", 0)), workdir)
+    import configs  # the repository's configs/ (train.py's), on the path when run from the repository root
+
+    arguments = described["arguments"]
+    if arguments.pop("broadcast_resolution", 8) != 8:
+        raise ConversionError(f"{weights!r} holds a decoder broadcast at another size than slotjax's 8x8.")
+    config = configs.get_config(TORCH_TASKS[metadata["model"]], "official")
+    unknown = sorted(set(arguments) - set(config))
+    if unknown:
+        raise ConversionError(f"{weights!r} names model arguments slotjax does not have: {', '.join(unknown)}.")
+    config.update(arguments)
+    return config
 
 
 def main(argv=None) -> None:

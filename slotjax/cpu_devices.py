@@ -31,6 +31,19 @@ def device_count(batch_sizes: Sequence[int], cores: int | None = None) -> int:
     return max(count for count in range(1, max(cores, 1) + 1) if all(size % count == 0 for size in batch_sizes))
 
 
+def fewer_devices_note(batch_sizes: dict[str, int], cores: int | None = None) -> str | None:
+    """One line saying why `device_count` leaves cores without a device ({name: batch size}), or None."""
+    cores = usable_cores() if cores is None else cores
+    count = device_count(list(batch_sizes.values()), cores)
+    if count >= cores:
+        return None
+    sizes = " and ".join(f"{name}={size}" for name, size in batch_sizes.items())
+    return (
+        f"{sizes} do not split evenly over the {cores} cores: data-parallel over {count} CPU device(s), the most "
+        f"that divide them; batch sizes divisible by {cores} use every core."
+    )
+
+
 def split_host(count: int) -> int:
     """Asks JAX for `count` CPU devices (its option `jax_num_cpu_devices`); returns the count in effect.
 

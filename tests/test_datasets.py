@@ -9,7 +9,9 @@ from this file's own statement of it (`PUBLISHED_FEATURES`).
 """
 
 import functools
+import gzip
 import os
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import splits as tfds_splits
 
-from slotjax.data import datasets
+from slotjax.data import datasets, files
 
 # ---------------------------------------------------------------------------- CLEVR (TFDS mock)
 
@@ -289,6 +291,11 @@ def test_clevr_reads_a_real_tfds_directory(tmp_path):
         num_objects = 3 + clevr_indices(target[None])[0]
         np.testing.assert_array_equal(target[:num_objects, 18], 1)
         np.testing.assert_array_equal(target[num_objects:], 0)
+    datasets.check_dataset("clevr", str(tmp_path), "set_prediction", {"validation": 2})  # reads the first scene
+    shard = next((tmp_path / "clevr" / "3.1.0").glob("clevr-validation.tfrecord-*"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(datasets.CorruptRecordError, match="Could not read .*clevr/3.1.0"):
+        datasets.check_dataset("clevr", str(tmp_path), "discovery", {"validation": 2})
 
 
 def test_missing_clevr_names_the_directory_and_how_to_get_it(tmp_path):
@@ -299,9 +306,9 @@ def test_missing_clevr_names_the_directory_and_how_to_get_it(tmp_path):
         str(tmp_path / "clevr" / "3.1.0"),
         f"tfds build clevr --data_dir={tmp_path}",
         "https://cs.stanford.edu/people/jcjohns/clevr/",
-        "download=True",
     ):
         assert expected in message
+    assert "download=True" not in message  # train.py cannot pass it: the instructions are commands that work
 
 
 # ---------------------------------------------------------------------------- DeepMind TFRecord files
@@ -396,7 +403,7 @@ def write_records(name: str, directory, num_records: int) -> str:
 
 @pytest.fixture
 def small_splits(monkeypatch):
-    monkeypatch.setattr(datasets, "RECORD_SPLITS", SMALL_RECORD_SPLITS)
+    monkeypatch.setattr(files, "RECORD_SPLITS", SMALL_RECORD_SPLITS)
 
 
 def test_feature_specs_are_the_published_ones():
@@ -509,9 +516,12 @@ def test_missing_file_names_it_and_the_bucket(tmp_path):
         "multi_dsprites_colored_on_grayscale.tfrecords",
         str(tmp_path),
         "gsutil cp gs://multi-object-datasets/multi_dsprites/multi_dsprites_colored_on_grayscale.tfrecords",
+        "curl -o ",
+        "https://storage.googleapis.com/multi-object-datasets/multi_dsprites/multi_dsprites_colored_on_grayscale.tfrecords",
         "https://github.com/google-deepmind/multi_object_datasets",
     ):
         assert expected in message
+    assert "download=True" not in message
 
 
 def test_truncated_file_is_reported_with_its_name(tmp_path, small_splits):
@@ -530,8 +540,9 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, small_splits):
         shuffle=False,
         repeat=False,
     )  # reads through the whole file
-    with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):
+    with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords") as error:
         list(batches)
+    assert not re.search(r"\{\{|\[Op:|node ", str(error.value))  # no TensorFlow graph annotations
 
 
 def test_records_of_another_format_are_reported_with_the_file_name(tmp_path, small_splits):
@@ -549,8 +560,11 @@ def test_records_of_another_format_are_reported_with_the_file_name(tmp_path, sma
         shuffle=False,
         repeat=False,
     )
-    with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):
+    with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords") as error:
         next(batches)
+    assert not re.search(r"\{\{|\[Op:|node ", str(error.value))
+    with pytest.raises(datasets.CorruptRecordError, match="tetrominoes_train.tfrecords"):  # before training starts
+        datasets.check_dataset("tetrominoes", str(tmp_path), "discovery", {"validation": 2})
 
 
 def test_argument_errors():
@@ -606,3 +620,92 @@ def test_train_py_reports_a_missing_data_set_in_one_message(tmp_path):
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert "tetrominoes_train.tfrecords" in result.stderr and "gsutil" in result.stderr
+    assert "task discovery" not in result.stdout  # refused before JAX starts (train.py's first line)
+
+
+# ---------------------------------------------------------------------------- checks before training
+
+
+def test_records_are_counted_as_tensorflow_wrote_them(tmp_path):
+    path = write_records("tetrominoes", tmp_path, 20)
+    assert files.count_records(path, 100) == (20, True)
+    assert files.count_records(path, 5) == (5, False)  # stops at the limit
+    concatenated = tmp_path / "two_members.tfrecords"
+    concatenated.write_bytes(open(path, "rb").read() * 2)  # GZIP members one after the other
+    assert files.count_records(str(concatenated), 100) == (40, True)
+
+
+def damaged_files(tmp_path) -> dict[str, tuple[bytes, str]]:
+    """name -> (content of tetrominoes_train.tfrecords, what the message says)."""
+    data = open(write_records("tetrominoes", tmp_path, 6), "rb").read()
+    frames = gzip.decompress(data)
+    return {
+        "short": (data, r"has 6 records, the splits need 10,064: the train split reads from record 10,000 on"),
+        "empty": (b"", r"is empty \(0 bytes\)"),
+        "random bytes": (np.random.default_rng(0).bytes(3000), "is not a GZIP-compressed TFRecord file"),
+        "cut short": (data[: len(data) // 2], "is cut short after [0-5] complete records"),
+        "not TFRecord": (gzip.compress(b"x" * 5000), "the length of record 1 fails its checksum"),
+        "not compressed": (frames, "is not a GZIP-compressed TFRecord file"),
+    }
+
+
+@pytest.mark.parametrize("damage", ["short", "empty", "random bytes", "cut short", "not TFRecord", "not compressed"])
+def test_a_short_or_damaged_record_file_is_refused_before_training_naming_it(tmp_path, damage):
+    (tmp_path / "written").mkdir()
+    content, message = damaged_files(tmp_path / "written")[damage]
+    path = tmp_path / PUBLISHED_FILES["tetrominoes"]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as error:
+        files.check_files("tetrominoes", str(tmp_path), {"train": 64, "validation": 64})
+    assert str(path) in str(error.value) and "download=True" not in str(error.value)
+
+
+def test_a_split_smaller_than_its_batch_is_refused():
+    with pytest.raises(datasets.DatasetTooSmallError, match="validation split of tetrominoes .* holds 5000 records"):
+        files.check_files("tetrominoes", "/data", {"validation": 6000})
+
+
+def test_a_repeated_split_without_a_full_batch_ends_in_one_message_not_stop_iteration(tmp_path, small_splits):
+    write_records("tetrominoes", tmp_path, 8)  # records 8 on (train): none
+    batches = datasets.make_dataset(
+        "tetrominoes", str(tmp_path), "train", task="discovery", resolution=35, batch_size=2
+    )
+    with pytest.raises(datasets.DatasetTooSmallError, match="train split of .*tetrominoes_train.tfrecords holds no"):
+        next(batches)
+
+
+def clevr_description(data_dir, content: str) -> str:
+    directory = os.path.join(files.clevr_directory(str(data_dir)))
+    os.makedirs(directory)
+    path = os.path.join(directory, "dataset_info.json")
+    with open(path, "w") as file:
+        file.write(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("garbage{", "is damaged: it is not TFDS's description of the data set"),
+        ('{"name": "clevr"}', "is damaged: it is not TFDS's description"),
+        ('{"splits": [{"name": "test", "shardLengths": ["9"]}]}', "lists no 'train' split"),
+        ('{"splits": [{"name": "train", "shardLengths": ["515"]}]}', "holds 515 train scenes; the train split needs"),
+    ],
+)
+def test_a_damaged_or_small_clevr_description_is_refused_naming_it(tmp_path, content, message):
+    path = clevr_description(tmp_path, content)
+    with pytest.raises(ValueError, match=message) as error:
+        files.check_files("clevr", str(tmp_path), {"train": 64})
+    assert os.path.dirname(path) in str(error.value)
+
+
+def test_a_damaged_clevr_description_read_by_tfds_names_the_directory(tmp_path):
+    clevr_description(tmp_path, "garbage{")
+    with pytest.raises(datasets.CorruptRecordError, match="(?s)Could not read the prepared CLEVR in .*tfds build"):
+        datasets.make_dataset("clevr", str(tmp_path), "validation", task="discovery", resolution=16, batch_size=2)
+
+
+def test_clevr_shard_files_are_checked(tmp_path):
+    clevr_description(tmp_path, '{"splits": [{"name": "train", "shardLengths": ["600", "600"]}]}')
+    with pytest.raises(datasets.DatasetNotFoundError, match="lacks 2 of the 2 files of the train split"):
+        files.check_files("clevr", str(tmp_path), {"train": 64})

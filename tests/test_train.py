@@ -12,7 +12,7 @@ import torch
 import torch_reference
 from slotjax import convert, visualize
 from slotjax.data import pipeline
-from slotjax.train import checkpoints, losses, trainer
+from slotjax.train import checkpoints, losses, runs, trainer
 from slotjax.train import step as steps
 from tests.conftest import tiny_config
 
@@ -71,9 +71,11 @@ def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     lines = []
-    trainer.train_and_evaluate(
-        config, str(tmp_path / "stopped"), print_fn=lambda line: (lines.append(line), interrupt_after_step_4(line))
-    )
+    with pytest.raises(runs.Interrupted) as stopped:  # after saving: train.py exits 128 + the signal's number
+        trainer.train_and_evaluate(
+            config, str(tmp_path / "stopped"), print_fn=lambda line: (lines.append(line), interrupt_after_step_4(line))
+        )
+    assert stopped.value.signum == signal.SIGINT
     assert any("Received SIGINT" in line for line in lines)
     assert sorted(os.listdir(tmp_path / "stopped" / "checkpoints")) == ["4"]
     lines.clear()
@@ -123,6 +125,12 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
     config = tiny_config(num_train_steps=3)
     workdir = str(tmp_path / "run")
     trainer.train_and_evaluate(config, workdir, print_fn=lambda line: None)
+    lines = []
+    assert trainer.train_and_evaluate(config, workdir, print_fn=lines.append) == {}  # nothing more to train
+    assert lines[-1] == (
+        f"The run in {workdir} is finished: its checkpoint is at step 3 of num_train_steps=3. Evaluate it with "
+        "--mode=eval, or train on with a larger --config.num_train_steps."
+    )
     results = trainer.evaluate_checkpoint(config, workdir, "test", print_fn=lambda line: None)
     assert {"fg_ari", "ari", "mse"} <= set(results)
     assert os.path.exists(os.path.join(workdir, "images", "test_step_0000003.png"))
@@ -143,10 +151,16 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
         ]
     np.testing.assert_allclose(np.asarray(ours), theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-5)
 
-    # and back: safetensors -> a checkpoint with the same parameters
-    convert.main(["--input", weights, "--output", str(tmp_path / "back")])
-    back = checkpoints.restore_checkpoint(
-        checkpoints.checkpoint_manager(str(tmp_path / "back")), run.initial_state(), config
-    )
-    for a, b in zip(jax.tree.leaves(back.params), jax.tree.leaves(state.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and back: safetensors -> a checkpoint with the same parameters; and a model saved by torch_reference
+    torch_weights = str(tmp_path / "from_torch.pt")
+    assert torch_reference.save_model(reference, torch_weights, step=7) == torch_weights
+    trained = convert.flax_to_torch(run.model(state.params))
+    for source, target, step in [(weights, "back", 3), (torch_weights, "from_torch", 7)]:
+        convert.main(["--input", source, "--output", str(tmp_path / target)])
+        model, saved_config, saved_step = convert.restore_model(str(tmp_path / target))
+        assert saved_step == step
+        assert all(saved_config.get(field) == config.get(field) for field in checkpoints.MODEL_FIELDS)
+        for name, value in convert.flax_to_torch(model).items():
+            np.testing.assert_array_equal(value, trained[name])
+    assert saved_config.preset == "official"  # a torch_reference file: the paper's settings, the model's sizes
+    assert torch_reference.load_model(torch_weights).arguments == reference.arguments

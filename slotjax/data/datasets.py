@@ -55,7 +55,7 @@ Data sets (``data_dir`` is where they live, locally or on ``gs://``):
     (sky, floor, two wall halves, up to 3 objects); image and masks only.
 
   Each file is one published "train" set, split here by record index
-  (``RECORD_SPLITS``): ``validation`` = records 0 to 4,999, ``test`` = 5,000
+  (``slotjax.data.files.RECORD_SPLITS``): ``validation`` = records 0 to 4,999, ``test`` = 5,000
   to 9,999, ``train`` = the rest, ``train_eval`` = the first 512 records of
   ``train``. A GZIP file is read from its start, so the split evaluated
   during training comes first and starting ``train`` skips 10,000 records
@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -81,40 +82,25 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from slotjax import TASKS  # noqa: E402
+from slotjax.data import files  # noqa: E402
 from slotjax.data.encoding import COLOURS, MATERIALS, MAX_OBJECTS, OBJECT_SIZE, SHAPES, SIZES  # noqa: E402
+from slotjax.data.files import CLEVR_TFDS_NAME, DATASETS, SPLITS  # noqa: E402
+
+# The errors of make_dataset and check_dataset (defined with the plain-Python file checks).
+DatasetNotFoundError = files.DatasetNotFoundError
+CorruptRecordError = files.CorruptRecordError
+DatasetTooSmallError = files.DatasetTooSmallError
 
 try:
     tf.config.set_visible_devices([], "GPU")  # leave the accelerator to JAX
 except RuntimeError:  # TF already initialised its devices elsewhere
     pass
 
-DATASETS = ("clevr", "clevr_with_masks", "multi_dsprites", "tetrominoes", "objects_room")
-SPLITS = ("train", "train_eval", "validation", "test")
-
-CLEVR_TFDS_NAME = "clevr:3.1.0"
-CLEVR_PAGE = "https://cs.stanford.edu/people/jcjohns/clevr/"
-DEEPMIND_BUCKET = "gs://multi-object-datasets"
-DEEPMIND_PAGE = "https://github.com/google-deepmind/multi_object_datasets"
-TRAIN_EVAL_SIZE = 512
 CLEVR_CROP = (slice(29, 221), slice(64, 256))  # rows, columns
 CLEVR6_MAX_OBJECTS = 6
-# (first record, end record or None for the end of the file) of each split.
-RECORD_SPLITS: dict[str, tuple[int, int | None]] = {
-    "validation": (0, 5_000),
-    "test": (5_000, 10_000),
-    "train": (10_000, None),
-    "train_eval": (10_000, 10_000 + TRAIN_EVAL_SIZE),
-}
 # TFDS clevr feature name -> the one-hot order of the set prediction target.
 TARGET_PROPERTIES = (("size", SIZES), ("material", MATERIALS), ("shape", SHAPES), ("color", COLOURS))
-
-
-class DatasetNotFoundError(ValueError):
-    """The data set's files are not where `data_dir` says."""
-
-
-class CorruptRecordError(ValueError):
-    """A data file could not be read or a record does not parse."""
+_CLEVR_TEST_HAS_NO_OBJECTS = "CLEVR's test split has no object annotations; use 'validation' for set prediction."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +135,7 @@ def _entity_floats(entities: int, scalars: tuple[str, ...], triples: tuple[str, 
 
 RECORD_FORMATS = {
     "clevr_with_masks": RecordFormat(
-        "clevr_with_masks_train.tfrecords",
+        files.RECORD_FILES["clevr_with_masks"],
         (240, 320),
         11,
         _entity_floats(11, ("x", "y", "z", "rotation", "visibility"), ("pixel_coords",)),
@@ -158,19 +144,19 @@ RECORD_FORMATS = {
         max_objects=CLEVR6_MAX_OBJECTS,
     ),
     "multi_dsprites": RecordFormat(
-        "multi_dsprites_colored_on_grayscale.tfrecords",
+        files.RECORD_FILES["multi_dsprites"],
         (64, 64),
         6,
         _entity_floats(6, ("x", "y", "shape", "visibility", "orientation", "scale"), ("color",)),
         masks_entities_last=True,
     ),
     "tetrominoes": RecordFormat(
-        "tetrominoes_train.tfrecords",
+        files.RECORD_FILES["tetrominoes"],
         (35, 35),
         4,
         _entity_floats(4, ("x", "y", "shape", "visibility"), ("color",)),
     ),
-    "objects_room": RecordFormat("objects_room_train.tfrecords", (64, 64), 7),
+    "objects_room": RecordFormat(files.RECORD_FILES["objects_room"], (64, 64), 7),
 }
 
 
@@ -232,7 +218,8 @@ def make_dataset(
     options = tf.data.Options()
     options.threading.private_threadpool_size = num_threads or default_num_threads()
     options.threading.max_intra_op_parallelism = 1
-    return _numpy_batches(batches.with_options(options), source)
+    batches = _numpy_batches(batches.with_options(options), source)
+    return _endless(batches, source, split, batch_size) if repeat else batches
 
 
 def default_num_threads() -> int:
@@ -241,15 +228,64 @@ def default_num_threads() -> int:
     return max(1, cores - 1)
 
 
+def check_dataset(name: str, data_dir: str, task: str, needs: dict[str, int]) -> None:
+    """Opens the files of the splits in `needs` ({split: global batch size}) and parses their first record,
+    refusing missing, short or unreadable files in one message naming the file (`slotjax.data.files` checks
+    what plain Python can first)."""
+    files.check_files(name, data_dir, needs)
+    if task == "set_prediction" and name == "clevr" and "test" in needs:
+        raise ValueError(_CLEVR_TEST_HAS_NO_OBJECTS)
+    if name == "clevr":
+        builder = _clevr_builder(data_dir, download=False)
+        for split in needs:
+            tfds_split, first, _ = files.CLEVR_SPLITS[split]
+            examples = builder.as_dataset(
+                split=f"{tfds_split}[{first}:{first + 1}]", decoders={"image": tfds.decode.SkipDecoding()}
+            )
+            source = files.clevr_directory(data_dir)
+            for example in _numpy_batches(examples.take(1), source):
+                _decode_png(example["image"], source)
+    else:
+        record_format = RECORD_FORMATS[name]
+        path = _record_file(record_format, name, data_dir, download=False)
+        records = tf.data.TFRecordDataset(path, compression_type="GZIP").take(1)
+        list(_numpy_batches(records.map(lambda record: _parse_record(record, record_format)), path))
+
+
+def _decode_png(image: bytes, source: str) -> None:
+    try:
+        tf.io.decode_png(image)
+    except tf.errors.InvalidArgumentError as error:
+        message = f"Could not read {source}: an image does not decode ({_tf_message(error)})."
+        raise CorruptRecordError(message) from error
+
+
 def _numpy_batches(batches: tf.data.Dataset, source: str) -> Iterator[dict[str, np.ndarray]]:
     """Iterates as numpy, reporting unreadable data as `CorruptRecordError` naming `source`."""
     try:
         yield from batches.as_numpy_iterator()
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as error:
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as error:
         raise CorruptRecordError(
-            f"Could not read {source}: {error.message.strip()} The data is truncated, corrupt or not in "
+            f"Could not read {source}: {_tf_message(error)}. The data is truncated, corrupt or not in "
             "the published format; download (or prepare) it again."
         ) from error
+
+
+def _endless(batches: Iterator, source: str, split: str, batch_size: int) -> Iterator:
+    """A repeated data set's batches; one that ends held no full batch: `DatasetTooSmallError` naming it."""
+    yield from batches
+    raise DatasetTooSmallError(
+        f"The {split} split of {source} holds no full batch of {batch_size} scenes (counted after the filter "
+        "by number of objects, where one applies): the data set is smaller than its splits need "
+        "(slotjax.data.files). Use the complete published data set, or lower the batch size."
+    )
+
+
+def _tf_message(error: tf.errors.OpError) -> str:
+    """TensorFlow's message without its graph annotations ({{function_node ...}}, [[{{node ...}}]], [Op:...])."""
+    message = re.sub(r"\{\{[^}]*\}\}|\[\[[^\]]*\]\]|\[Op:[^\]]*\]|\s+name:\s*$", " ", error.message)
+    message = " ".join(message.split()).strip(" .;:")
+    return message or type(error).__name__
 
 
 def _preprocess(image: tf.Tensor, segmentation: tf.Tensor | None, crop: bool, resolution: int) -> dict[str, tf.Tensor]:
@@ -283,29 +319,11 @@ def _clevr_examples(
 ) -> tuple[tf.data.Dataset, str]:
     """Preprocessed CLEVR examples of this process's share of `split`, and their directory."""
     if task == "set_prediction" and split == "test":
-        raise ValueError("CLEVR's test split has no object annotations; use 'validation' for set prediction.")
-    name, version = CLEVR_TFDS_NAME.split(":")
-    directory = os.path.join(data_dir, name, version)
-    prepared = bool(data_dir) and tf.io.gfile.exists(os.path.join(directory, "dataset_info.json"))
-    if not prepared and not (download and data_dir):
-        raise DatasetNotFoundError(
-            f"CLEVR not found: expected the prepared TFDS data set {CLEVR_TFDS_NAME} in {directory!r} "
-            f"(dataset_info.json and clevr-*.tfrecord files; data_dir={data_dir!r}). Prepare it once "
-            f"(downloads 17.7 GiB from {CLEVR_PAGE}) with\n"
-            f"  tfds build clevr --data_dir={data_dir or 'DIR'}\nor\n"
-            f"  python -c \"import tensorflow_datasets as tfds; tfds.load('{CLEVR_TFDS_NAME}', "
-            f"data_dir='{data_dir or 'DIR'}', download=True)\"\n"
-            "or pass download=True."
-        )
-    builder = tfds.builder(CLEVR_TFDS_NAME, data_dir=data_dir)
-    if not prepared:
-        builder.download_and_prepare()
-    tfds_split = {
-        "train": f"train[{TRAIN_EVAL_SIZE}:]",
-        "train_eval": f"train[:{TRAIN_EVAL_SIZE}]",
-        "validation": "validation",
-        "test": "test",
-    }[split]
+        raise ValueError(_CLEVR_TEST_HAS_NO_OBJECTS)
+    builder = _clevr_builder(data_dir, download)
+    tfds_split, first, end = files.CLEVR_SPLITS[split]
+    if first or end is not None:
+        tfds_split = f"{tfds_split}[{first or ''}:{end or ''}]"
     examples = builder.as_dataset(
         split=tfds.even_splits(tfds_split, n=process_count)[process_index],
         shuffle_files=shuffle,
@@ -324,7 +342,25 @@ def _clevr_examples(
             inputs["target"] = _clevr_target(example["objects"], label_orders)
         return inputs
 
-    return examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE), directory
+    return examples.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE), files.clevr_directory(data_dir)
+
+
+def _clevr_builder(data_dir: str, download: bool) -> tfds.core.DatasetBuilder:
+    """TFDS's CLEVR builder of the prepared data set in `data_dir` (prepared first if asked)."""
+    directory = files.clevr_directory(data_dir)
+    prepared = bool(data_dir) and tf.io.gfile.exists(os.path.join(directory, "dataset_info.json"))
+    if not prepared and not (download and data_dir):
+        raise files.clevr_not_found(data_dir)
+    try:
+        builder = tfds.builder(CLEVR_TFDS_NAME, data_dir=data_dir)
+    except Exception as error:  # TFDS's errors (RuntimeError, ValueError, ...) on damaged metadata
+        raise CorruptRecordError(
+            f"Could not read the prepared CLEVR in {directory!r}: {str(error).splitlines()[0].rstrip('.')}. "
+            + files.clevr_instructions(data_dir)
+        ) from error
+    if not prepared:
+        builder.download_and_prepare()
+    return builder
 
 
 def _target_label_orders(objects_features: tfds.features.FeaturesDict) -> dict[str, tf.Tensor]:
@@ -361,7 +397,7 @@ def _record_examples(
 ) -> tuple[tf.data.Dataset, str]:
     """Preprocessed examples of this process's share of `split` of one DeepMind file, and the file."""
     path = _record_file(record_format, name, data_dir, download)
-    first, end = RECORD_SPLITS[split]
+    first, end = files.RECORD_SPLITS[split]
     records = tf.data.TFRecordDataset(path, compression_type="GZIP", buffer_size=8 << 20).skip(first)
     if end is not None:
         records = records.take(end - first)
@@ -386,24 +422,15 @@ def _record_examples(
 
 def _record_file(record_format: RecordFormat, name: str, data_dir: str, download: bool) -> str:
     """The data set's file in `data_dir` (or `data_dir/name/`), fetched from the bucket if asked."""
-    candidates = [
-        os.path.join(data_dir, record_format.file_name),
-        os.path.join(data_dir, name, record_format.file_name),
-    ]
+    candidates = files.record_candidates(name, data_dir)
     for path in candidates:
         if data_dir and tf.io.gfile.exists(path):
             return path
-    bucket_file = f"{DEEPMIND_BUCKET}/{name}/{record_format.file_name}"
     if download and data_dir:
         tf.io.gfile.makedirs(data_dir)
-        tf.io.gfile.copy(bucket_file, candidates[0])
+        tf.io.gfile.copy(f"{files.DEEPMIND_BUCKET}/{name}/{record_format.file_name}", candidates[0])
         return candidates[0]
-    raise DatasetNotFoundError(
-        f"{name} not found: expected the file {record_format.file_name} in data_dir={data_dir!r} "
-        f"(looked for {' and '.join(repr(path) for path in candidates)}). Get it with\n"
-        f"  gsutil cp {bucket_file} {data_dir or 'DIR'}\n"
-        f"(see {DEEPMIND_PAGE}), or pass download=True."
-    )
+    raise files.record_not_found(name, data_dir)
 
 
 def _parse_record(record: tf.Tensor, record_format: RecordFormat) -> dict[str, tf.Tensor]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from slotjax.data import scenes
+from slotjax.data import files, scenes
 
 
 def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
@@ -55,6 +55,26 @@ def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.n
         if not np.isfinite(targets).all():
             raise ValueError("targets contain NaN or inf; check the data set files.")
     return batch
+
+
+def data_needs(config, splits: Sequence[str]) -> dict[str, int]:
+    """{split: global batch size} of a run that reads `splits` (training batches for "train")."""
+    return {split: config.batch_size if split == "train" else config.eval_batch_size for split in splits}
+
+
+def check_files(config, splits: Sequence[str]) -> None:
+    """The plain-Python check of the real data set's files (`slotjax.data.files`), before TensorFlow is imported."""
+    if config.dataset != "scenes":
+        files.check_files(config.dataset, config.data_dir, data_needs(config, splits))
+
+
+def check_data(config, splits: Sequence[str]) -> None:
+    """Opens the real data set's files of `splits` and reads their first record, so that a missing, short or
+    damaged file is refused in one message before anything is compiled (the embedded scenes need nothing)."""
+    if config.dataset != "scenes":
+        from slotjax.data import datasets  # TensorFlow: imported only for real data sets
+
+        datasets.check_dataset(config.dataset, config.data_dir, config.task, data_needs(config, splits))
 
 
 def _scene_batch(generator: scenes.Scenes, indices: np.ndarray) -> dict[str, np.ndarray]:

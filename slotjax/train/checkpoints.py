@@ -25,19 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from slotjax.train.runs import MODEL_FIELDS, TrainingError
 from slotjax.train.step import TrainState
 
-# Fields that decide the model's parameters: a checkpoint only fits a model built with the same values.
-MODEL_FIELDS = (
-    "task",
-    "resolution",
-    "num_slots",
-    "slot_size",
-    "encoder_features",
-    "decoder_features",
-    "mlp_hidden_size",
-    "head_hidden_size",
-)
 CHECKSUM_KEY = "state_sha256"  # in the custom metadata; checkpoints written before it are restored unverified
 STEP_METADATA = "_CHECKPOINT_METADATA"
 CONFIG_FILE = os.path.join("config", "metadata")
@@ -49,10 +39,6 @@ REQUIRED_FILES = (
 )
 JSON_FILES = (STEP_METADATA, CONFIG_FILE, os.path.join("state", "_METADATA"), os.path.join("state", "_sharding"))
 REFUSAL_FIX = "Restore the files, or move the checkpoints away to start afresh."
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint of another model)."""
 
 
 class DamagedCheckpoint(TrainingError):

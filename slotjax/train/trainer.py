@@ -34,6 +34,7 @@ from slotjax.train.checkpoints import (
 )
 from slotjax.train.logger import Logger
 from slotjax.train.optim import learning_rate_schedule, make_optimizer
+from slotjax.train.runs import Interrupted, check_config
 from slotjax.train.step import StepDef, TrainState, build_model, eval_step, task_loss, train_step
 
 PICTURE_EXAMPLES = 8  # examples of the first evaluation batch drawn in the picture
@@ -88,6 +89,7 @@ class Trainer:
     """Holds what the loops share: the model's structure, optimiser, mesh and compiled steps."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        check_config(config)
         self.config = config
         self.mesh = make_mesh(config.num_devices)
         for name in ("batch_size", "eval_batch_size"):
@@ -96,13 +98,7 @@ class Trainer:
                     f"{name}={config[name]} is not divisible by the {self.mesh.size} devices; "
                     f"use a multiple of {self.mesh.size} or set --config.num_devices."
                 )
-        if config.nonfinite_loss not in ("stop", "skip"):
-            raise ValueError(
-                f"nonfinite_loss={config.nonfinite_loss!r} is not a policy; use --config.nonfinite_loss=stop or skip."
-            )
         self.skip_limit = config.get("nonfinite_skip_limit", 10)  # 10 for configs saved without the field
-        if not isinstance(self.skip_limit, int) or self.skip_limit < 1:
-            raise ValueError(f"nonfinite_skip_limit must be an integer >= 1, got {self.skip_limit!r}.")
         # the most objects a scene of the data set holds: the embedded scenes' setting, up to 10 in CLEVR
         max_objects = config.max_objects if config.dataset == "scenes" else MAX_OBJECTS
         if config.task == "set_prediction" and config.num_slots < max_objects:
@@ -221,7 +217,11 @@ class _StopRequest:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, print_fn: Callable[[str], None] = print
 ) -> dict[str, float]:
-    """Trains `config.num_train_steps` steps (resuming from `workdir`), evaluating every `eval_every`."""
+    """Trains `config.num_train_steps` steps (resuming from `workdir`), evaluating every `eval_every`.
+
+    SIGINT or SIGTERM saves a checkpoint at the end of the current step, then raises `Interrupted`.
+    """
+    pipeline.check_data(config, ("train", "validation"))
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config)
     devices = trainer.mesh.devices.ravel()
@@ -237,6 +237,14 @@ def train_and_evaluate(
         state = restored[0]
         print_fn(f"Resuming from the checkpoint at step {int(state.step)} in {workdir}.")
     start_step = int(state.step)
+    if start_step and start_step >= config.num_train_steps:
+        print_fn(
+            f"The run in {workdir} is finished: its checkpoint is at step {start_step} of "
+            f"num_train_steps={config.num_train_steps}. Evaluate it with --mode=eval, or train on with a larger "
+            "--config.num_train_steps."
+        )
+        manager.close()
+        return {}
     batches = pipeline.train_batches(config, start_step, jax.process_index(), jax.process_count())
     last_eval: dict[str, float] = {}
     timer_start, timer_step = None, start_step
@@ -299,6 +307,8 @@ def train_and_evaluate(
                 )
                 break
     manager.close()
+    if stop.signal_name:
+        raise Interrupted(signal.Signals[stop.signal_name])
     return last_eval
 
 
@@ -327,6 +337,7 @@ def evaluate_checkpoint(
         raise TrainingError(
             f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same --workdir."
         )
+    pipeline.check_data(config, (split,))
     trainer = Trainer(config)
     state, _ = restore_latest_intact(manager, lambda _: trainer.initial_state(), config, print_fn)
     results = evaluate_and_log(trainer, state.params, int(state.step), split, Logger(workdir), print_fn)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 from torch import nn
@@ -94,6 +96,16 @@ class SlotAutoencoder(nn.Module):
         broadcast_resolution=8,
     ):
         super().__init__()
+        self.arguments = dict(
+            resolution=resolution,
+            num_slots=num_slots,
+            num_iterations=num_iterations,
+            slot_size=slot_size,
+            encoder_features=encoder_features,
+            decoder_features=decoder_features,
+            mlp_hidden_size=mlp_hidden_size,
+            broadcast_resolution=broadcast_resolution,
+        )  # what `save_model` writes for `load_model`
         self.broadcast_resolution = broadcast_resolution
         self.encoder = SlotEncoder(
             resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size
@@ -134,6 +146,15 @@ class SetPredictor(nn.Module):
         head_hidden_size=64,
     ):
         super().__init__()
+        self.arguments = dict(
+            resolution=resolution,
+            num_slots=num_slots,
+            num_iterations=num_iterations,
+            slot_size=slot_size,
+            encoder_features=encoder_features,
+            mlp_hidden_size=mlp_hidden_size,
+            head_hidden_size=head_hidden_size,
+        )  # what `save_model` writes for `load_model`
         self.encoder = SlotEncoder(
             resolution, (1, 2, 2, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size
         )
@@ -144,11 +165,12 @@ class SetPredictor(nn.Module):
         return {"predictions": torch.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}
 
 
-def load_model(path: str) -> nn.Module:
-    """A model from a weights file written by `python -m slotjax.convert` (safetensors, or .pt read with
-    weights_only=True): the file's metadata names the model and its constructor arguments."""
-    import json
+MODELS = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}
 
+
+def load_model(path: str) -> nn.Module:
+    """A model from a weights file written by `save_model` or `python -m slotjax.convert` (safetensors, or .pt read
+    with weights_only=True): the file's metadata names the model and its constructor arguments."""
     from safetensors import safe_open
 
     if path.endswith((".pt", ".pth")):
@@ -158,12 +180,31 @@ def load_model(path: str) -> nn.Module:
         with safe_open(path, framework="pt") as file:
             state_dict = {name: file.get_tensor(name) for name in file.keys()}
             metadata = file.metadata() or {}
-    models = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}
-    if metadata.get("model") not in models:
+    if metadata.get("model") not in MODELS:
         raise ValueError(
             f"{path!r} does not say which model it holds (metadata 'model' is {metadata.get('model')!r}); "
-            "write it with `python -m slotjax.convert --workdir=RUN --output=FILE`."
+            "write it with torch_reference.save_model or `python -m slotjax.convert --workdir=RUN --output=FILE`."
         )
-    model = models[metadata["model"]](**json.loads(metadata["arguments"]))
+    model = MODELS[metadata["model"]](**json.loads(metadata["arguments"]))
     model.load_state_dict(state_dict)
     return model
+
+
+def save_model(model: nn.Module, path: str, step: int = 0) -> str:
+    """Writes a SlotAutoencoder or SetPredictor to `path` (.safetensors, or .pt), atomically, with its class name,
+    constructor arguments and training `step` as metadata: `load_model` reads it back, and
+    `python -m slotjax.convert --input=PATH --output=RUN_DIR` turns it into a slotjax training checkpoint."""
+    name = type(model).__name__
+    if name not in MODELS:
+        raise TypeError(f"save_model writes {' or '.join(MODELS)} models, not a {name}.")
+    metadata = {"model": name, "arguments": json.dumps(model.arguments), "step": str(int(step))}
+    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    temporary = f"{path}.tmp-{os.getpid()}"
+    if path.endswith((".pt", ".pth")):
+        torch.save({"state_dict": state_dict, "metadata": metadata}, temporary)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state_dict, temporary, metadata=metadata)
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,114 @@
+"""train.py's command line (slotjax.train.cli, slotjax.train.runs): settings checked before anything starts, an
+existing run's saved config, exit statuses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slotjax import convert, cpu_devices
+from slotjax.train import checkpoints, runs, trainer
+from slotjax.train import step as steps
+from tests.conftest import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("eval_batch_size", 0, r"eval_batch_size must be an integer >= 1, got 0: set --config.eval_batch_size\."),
+        ("batch_size", -8, r"batch_size must be an integer >= 1, got -8"),
+        ("log_every", 0, r"log_every must be an integer >= 1"),
+        ("encoder_features", 0, r"encoder_features must be an integer >= 1"),
+        ("num_train_steps", -1, r"num_train_steps must be an integer >= 0"),
+        ("compute_dtype", "float8", r"compute_dtype='float8' is not supported; use --config.compute_dtype=float32 or"),
+        ("nonfinite_loss", "ignore", r"--config.nonfinite_loss=stop or skip"),
+        ("dataset", "mnist", r"Unknown data set 'mnist'; use --config.dataset="),
+    ],
+)
+def test_settings_no_run_can_use_are_refused_naming_the_flag(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        runs.check_config(tiny_config(**{field: value}))
+    with pytest.raises(ValueError, match=message):  # the trainer checks too (for callers other than train.py)
+        trainer.Trainer(tiny_config(**{field: value}))
+
+
+def test_set_prediction_needs_a_data_set_with_targets():
+    runs.check_config(tiny_config("set_prediction"))
+    with pytest.raises(ValueError, match="'tetrominoes' has no set prediction targets"):
+        runs.check_config(tiny_config("set_prediction", dataset="tetrominoes"))
+
+
+def test_batch_sizes_that_do_not_divide_by_the_cores_say_why_fewer_devices_are_used():
+    note = cpu_devices.fewer_devices_note({"batch_size": 3, "eval_batch_size": 64}, cores=2)
+    assert note.startswith(
+        "batch_size=3 and eval_batch_size=64 do not split evenly over the 2 cores: data-parallel over 1 CPU device(s)"
+    )
+    assert cpu_devices.fewer_devices_note({"batch_size": 16, "eval_batch_size": 64}, cores=2) is None
+
+
+def write_run(workdir, config, steps_to_save=(3,)) -> None:
+    """A run directory with checkpoints of `config`'s (untrained) model: nothing is compiled."""
+    model = steps.build_model(config)
+    for step in steps_to_save:
+        convert.write_checkpoint(model, config, step, str(workdir))
+
+
+def test_the_saved_config_is_the_newest_that_reads(tmp_path):
+    write_run(tmp_path, tiny_config(num_slots=5), steps_to_save=(1, 2))
+    assert runs.saved_config(str(tmp_path / "nowhere")) is None
+    step, config = runs.saved_config(str(tmp_path))
+    assert step == 2 and config.num_slots == 5
+    (tmp_path / "checkpoints" / "2" / "config" / "metadata").write_text("{garbage")
+    assert runs.saved_config(str(tmp_path))[0] == 1
+
+
+def test_an_existing_run_keeps_its_model_and_takes_the_other_flags():
+    saved = tiny_config(num_slots=5)
+    config = runs.existing_run_config(3, saved, "run", {}, {"eval_batch_size": 4, "num_slots": 5, "dataset": "scenes"})
+    assert (config.num_slots, config.eval_batch_size, saved.eval_batch_size) == (5, 4, 8)
+    with pytest.raises(runs.TrainingError, match=r"step 3 in run/checkpoints belongs to another model \(num_slots: "):
+        runs.existing_run_config(3, saved, "run", {}, {"num_slots": 4})
+    with pytest.raises(runs.TrainingError, match=r"task: checkpoint 'discovery' vs now 'set_prediction'"):
+        runs.existing_run_config(3, saved, "run", {"task": "set_prediction"}, {})
+
+
+def train_py(*arguments, **kwargs) -> subprocess.Popen:
+    env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *arguments],
+        cwd=REPO,
+        env={**env, "JAX_PLATFORMS": "cpu"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def test_eval_uses_the_config_saved_with_the_checkpoint(tmp_path):
+    """The README's commands: a run trained with --config.num_slots=5 is evaluated without repeating the flag."""
+    write_run(tmp_path / "run", tiny_config(num_slots=5, num_iterations=1))
+    process = train_py("--task=discovery", "--mode=eval", f"--workdir={tmp_path / 'run'}", "--split=test")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    assert "eval test at step 3: " in out and "Traceback" not in err
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [(row["step"], row["split"]) for row in rows] == [(3, "test")]
+    assert checkpoints.MODEL_FIELDS == runs.MODEL_FIELDS
+
+
+def test_ctrl_c_while_starting_prints_one_line_and_exits_130(tmp_path):
+    process = train_py(f"--workdir={tmp_path / 'run'}")
+    time.sleep(1.0)  # Python is importing JAX, or train.py is parsing its flags or building the model
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.count("Stopped by SIGINT; nothing was saved.") == 1
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
