@@ -371,6 +371,7 @@ def test_command_writes_a_work_directory_that_train_py_evaluates(checkpoints, tm
         np.testing.assert_array_equal(np.asarray(restored), np.asarray(value))
 
     overrides = dict(
+        dataset="scenes",  # the converted run keeps the paper's data set; evaluate it on the embedded scenes
         resolution=DISCOVERY_RESOLUTION,
         encoder_features=ENCODER,
         slot_size=SLOT,

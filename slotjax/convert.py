@@ -201,15 +201,15 @@ def save_weights(module: nnx.Module, path: str | os.PathLike, metadata: Mapping[
 
 def load_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a torch-layout state dict from .safetensors or .pt without executing code from the file."""
-    return _read(path)[0]
+    return read_weights(path)[0]
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata strings stored with the weights (empty if none)."""
-    return _read(path)[1]
+    return read_weights(path)[1]
 
 
-def _read(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(state dict, metadata) of a weights file, checked against the checksum in its metadata where it has one."""
     path = os.fspath(path)
     state_dict, metadata = _read_unchecked(path)

@@ -34,6 +34,7 @@ from flax import nnx
 
 import configs
 import slotjax
+import torch_reference
 from slotjax import convert, cpu_devices
 from slotjax.data import pipeline, scenes
 from slotjax.train import checkpoints, losses, metrics, trainer
@@ -489,6 +490,32 @@ def test_altered_tensors_in_a_weights_file_give_a_conversion_error(tmp_path, suf
     path.write_bytes(bytes(data))
     with pytest.raises(convert.ConversionError, match=f"The tensors in '{path}' do not match the checksum"):
         convert.load_weights(path)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_altered_tensors_in_a_torch_reference_file_are_refused(tmp_path, suffix):
+    """`torch_reference.save_model` writes the same checksum, so its files are checked on both sides too."""
+    path = str(tmp_path / f"model{suffix}")
+    reference = torch_reference.SlotAutoencoder(
+        resolution=8,
+        num_slots=2,
+        slot_size=8,
+        encoder_features=8,
+        decoder_features=8,
+        mlp_hidden_size=8,
+        broadcast_resolution=8,
+    )
+    torch_reference.save_model(reference, path, step=3)
+    assert torch_reference.load_model(path).arguments == reference.arguments
+    data = bytearray(open(path, "rb").read())
+    original = reference.state_dict()["encoder.slot_attention.slots_mu"].numpy().tobytes()
+    start = data.find(original)
+    assert start > 0
+    data[start : start + 4] = bytes(byte ^ 0x55 for byte in data[start : start + 4])
+    open(path, "wb").write(bytes(data))
+    for read in (convert.load_weights, torch_reference.load_model):
+        with pytest.raises(convert.ConversionError, match="do not match the checksum"):
+            read(path)
 
 
 def test_weights_without_a_checksum_still_load(tmp_path):

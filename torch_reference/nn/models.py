@@ -170,16 +170,12 @@ MODELS = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}
 
 def load_model(path: str) -> nn.Module:
     """A model from a weights file written by `save_model` or `python -m slotjax.convert` (safetensors, or .pt read
-    with weights_only=True): the file's metadata names the model and its constructor arguments."""
-    from safetensors import safe_open
+    with weights_only=True): the file's metadata names the model and its constructor arguments. Damaged files and
+    altered tensors are refused (`slotjax.convert.ConversionError`)."""
+    from slotjax.convert import read_weights  # refuses damaged files, checks the tensors' checksum
 
-    if path.endswith((".pt", ".pth")):
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-        state_dict, metadata = loaded["state_dict"], loaded.get("metadata", {})
-    else:
-        with safe_open(path, framework="pt") as file:
-            state_dict = {name: file.get_tensor(name) for name in file.keys()}
-            metadata = file.metadata() or {}
+    arrays, metadata = read_weights(path)
+    state_dict = {name: torch.tensor(array) for name, array in arrays.items()}
     if metadata.get("model") not in MODELS:
         raise ValueError(
             f"{path!r} does not say which model it holds (metadata 'model' is {metadata.get('model')!r}); "
@@ -197,8 +193,15 @@ def save_model(model: nn.Module, path: str, step: int = 0) -> str:
     name = type(model).__name__
     if name not in MODELS:
         raise TypeError(f"save_model writes {' or '.join(MODELS)} models, not a {name}.")
-    metadata = {"model": name, "arguments": json.dumps(model.arguments), "step": str(int(step))}
+    from slotjax.convert import CHECKSUM_KEY, tensors_checksum  # the weights file format that slotjax.convert reads
+
     state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+    metadata = {
+        "model": name,
+        "arguments": json.dumps(model.arguments),
+        "step": str(int(step)),
+        CHECKSUM_KEY: tensors_checksum({key: value.numpy() for key, value in state_dict.items()}),
+    }
     temporary = f"{path}.tmp-{os.getpid()}"
     if path.endswith((".pt", ".pth")):
         torch.save({"state_dict": state_dict, "metadata": metadata}, temporary)
