@@ -10,7 +10,7 @@ PIP_ARGS ?=
 TEST_WORKERS ?= 2
 # glibc (2.35+) backs large allocations with transparent huge pages where the kernel hands them out on request
 # (THP mode "madvise"): XLA's CPU runtime allocates a step's temporaries afresh on every call, and with 4 KiB
-# pages the page faults dominate multi-threaded CPU steps. Ignored elsewhere.
+# pages the page faults dominate multi-threaded CPU steps. Ignored elsewhere. (train.py sets it for itself.)
 HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: run test lint bench
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(HUGE_PAGES) $(PYTHON) train.py --task=discovery $(ARGS)
+	$(PYTHON) train.py --task=discovery $(ARGS)
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

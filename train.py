@@ -12,8 +12,33 @@ line; Ctrl-C or SIGTERM saves a checkpoint and exits 130 or 143 (slotjax/train/c
 """
 
 import os
+import platform
 import signal
 import sys
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def restart_with_huge_pages() -> None:
+    """Re-executes this command (same process, arguments and environment) with glibc's HUGE_PAGES tunable.
+
+    XLA's CPU runtime allocates a step's temporaries afresh on every call; with 4 KiB pages their page faults cost
+    about a sixth of a CPU training step (benchmarks/README.md). Where the kernel hands out transparent huge pages
+    on request (mode "madvise"), glibc 2.35+ asks for them with the tunable, read only when a process starts.
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=0 keeps 4 KiB pages.
+    """
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    libc, version = platform.libc_ver()
+    if "glibc.malloc.hugetlb" in tunables or libc != "glibc" or tuple(map(int, version.split(".")[:2])) < (2, 35):
+        return
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+            if "[madvise]" not in file.read():  # "always": every mapping has them already; "never": none can
+                return
+    except OSError:
+        return
+    environment = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, HUGE_PAGES])))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
 
 
 def stopped_while_starting(signum, frame):
@@ -26,6 +51,7 @@ def stopped_while_starting(signum, frame):
     os._exit(128 + signum)
 
 
+restart_with_huge_pages()
 for signum in (signal.SIGINT, signal.SIGTERM):  # the training loop takes them over to save first
     signal.signal(signum, stopped_while_starting)
 

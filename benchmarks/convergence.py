@@ -10,8 +10,7 @@ default config on the embedded scenes) in a fresh work directory for at most
 the task's metrics from metrics.jsonl) and a summary of the main metric at
 5, 10 and 15 minutes. Writes the rows to --json and a plot of the main metric
 against minutes to --plot. Arguments after `--` go to train.py
-(e.g. `-- --config.learning_rate=1e-3`). Like `make run`, each run has
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless the environment sets GLIBC_TUNABLES (see the README).
+(e.g. `-- --config.learning_rate=1e-3`).
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ def run(task: str, seed: int, minutes: float, workdir: str, train_args: list[str
     ]
     print("command:", " ".join(command), flush=True)
     start = time.time()
-    env = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1", **os.environ}
-    process = subprocess.Popen(command, cwd=REPO, env=env)
+    process = subprocess.Popen(command, cwd=REPO)
     try:
         process.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:

@@ -112,3 +112,34 @@ def test_ctrl_c_while_starting_prints_one_line_and_exits_130(tmp_path):
     assert "Traceback" not in err
     assert err.count("Stopped by SIGINT; nothing was saved.") == 1
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def huge_pages_help() -> bool:
+    """Whether glibc.malloc.hugetlb=1 changes anything here: glibc 2.35+ and transparent huge pages on request."""
+    import platform
+
+    libc, version = platform.libc_ver()
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as file:
+            madvise = "[madvise]" in file.read()
+    except OSError:
+        madvise = False
+    return libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and madvise
+
+
+@pytest.mark.parametrize("tunables", ["", "glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2"])
+def test_train_py_restarts_itself_with_huge_pages_only_where_they_help(tunables):
+    """The command prints GLIBC_TUNABLES, then runs train.py (which refuses --task=nope): a restart runs it twice."""
+    code = (
+        "import os, runpy, sys; print(repr(os.environ.get('GLIBC_TUNABLES', '')), flush=True); "
+        "sys.argv = ['train.py', '--task=nope']; runpy.run_path('train.py', run_name='__main__')"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "GLIBC_TUNABLES"}
+    env = {**env, "GLIBC_TUNABLES": tunables} if tunables else env
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1 and "--task" in result.stderr, result.stderr[-2000:]
+    restarted = huge_pages_help() and "hugetlb" not in tunables
+    with_huge_pages = ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
+    assert result.stdout.split() == [repr(tunables)] + ([repr(with_huge_pages)] if restarted else [])
