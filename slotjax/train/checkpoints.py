@@ -234,13 +234,14 @@ def restore_checkpoint(
             "configuration it was trained with (the optimiser's grad_clip_norm too), or another --workdir."
         )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    _silence_failed_reads()  # before the read: TensorStore's threads report its leftovers while it fails
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             state = checkpointer.restore(
                 os.path.join(directory, str(step)), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
     except Exception as error:  # orbax and TensorStore raise many types for files cut short or altered
-        _silence_failed_reads()
+        gc.collect()  # the failed read's leftovers go now, silently
         raise DamagedCheckpoint(
             directory, step, f"the arrays in state/ could not be read: {_first_line(error)}"
         ) from None
@@ -339,9 +340,9 @@ _silenced = False
 
 
 def _silence_failed_reads() -> None:
-    """After a failed restore, orbax leaves tasks, coroutines and TensorStore callbacks behind that print
-    tracebacks when collected ("Event loop is closed", "exception was never retrieved"). The failure is
-    reported once by the caller: these leftovers are silenced, here and for the rest of the process."""
+    """A failed restore leaves orbax tasks, coroutines and TensorStore callbacks behind that print tracebacks
+    ("Event loop is closed", "exception was never retrieved"), some from TensorStore's threads while the read
+    fails. The failure is reported once by the caller: these leftovers are silenced for the rest of the process."""
     global _silenced
     if not _silenced:
         _silenced = True
@@ -355,4 +356,3 @@ def _silence_failed_reads() -> None:
                 previous(unraisable)
 
         sys.unraisablehook = hook
-    gc.collect()
