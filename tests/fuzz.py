@@ -549,12 +549,18 @@ def judge(case: Case, code: int, output: str) -> tuple[bool, str]:
             return False, f"exit status {code}: {errors[-1] if errors else lines[-1:]}"
         step = case.damaged_step
         named = [line for line in lines if re.search(rf"\b{step}\b", line) and re.search(DAMAGE_WORDS, line, re.I)]
-        if len(named) != 1:
+        if not named and _damage_missed_the_arrays(case):  # e.g. only bytes past the last array were cut
+            why = "accepted unchanged"
+        elif len(named) != 1:
             return False, f"{len(named)} lines name the damaged step {step}"
-        if "train.py" in " ".join(case.command) and "--mode=eval" not in case.command:
-            if not any(line.startswith(f"Resuming from the checkpoint at step {case.intact[0]} ") for line in lines):
-                return False, f"did not resume from step {case.intact[0]}"
-        why = "resumed"
+        elif (
+            "train.py" in " ".join(case.command)
+            and "--mode=eval" not in case.command
+            and not any(line.startswith(f"Resuming from the checkpoint at step {case.intact[0]} ") for line in lines)
+        ):
+            return False, f"did not resume from step {case.intact[0]}"
+        else:
+            why = "resumed"
     else:
         if code not in (128 + case.signum, -case.signum):
             return False, f"exit status {code}, not {128 + case.signum}"
