@@ -32,7 +32,6 @@ import pytest
 import torch
 from flax import nnx
 
-import configs
 import slotjax
 import torch_reference
 from slotjax import convert, cpu_devices
@@ -40,42 +39,22 @@ from slotjax.data import pipeline, scenes
 from slotjax.train import checkpoints, losses, metrics, trainer
 from slotjax.train import step as steps
 from slotjax.train.logger import Logger
+from tests import fuzz
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_PY = os.path.join(REPO, "train.py")
 ALLOWED = (ValueError, TypeError)  # the documented errors; convert.ConversionError is a ValueError
 
-# A tiny discovery model for train.py: each step takes a fraction of a second on one CPU core.
-TINY_FIELDS = dict(
-    resolution=16,
-    encoder_features=8,
-    decoder_features=8,
-    slot_size=16,
-    mlp_hidden_size=16,
-    num_slots=4,
-    num_iterations=1,
-    batch_size=8,
-    eval_batch_size=8,
-    num_eval_examples=8,
-    warmup_steps=2,
-    decay_steps=100,
-    max_objects=3,
-    log_every=1,
-    eval_every=1000,
-    checkpoint_every=1,
-)
-
 
 def tiny_flags(**overrides) -> list[str]:
-    return [f"--config.{name}={value}" for name, value in {**TINY_FIELDS, **overrides}.items()]
+    """Flags of a tiny discovery model for train.py (tests/fuzz.py's), checkpointing every step."""
+    return fuzz.tiny_flags(**{"checkpoint_every": 1, **overrides})
 
 
 def tiny_cli_config(**overrides) -> ml_collections.ConfigDict:
     """The config `train.py` builds from `tiny_flags(**overrides)`."""
-    config = configs.get_config("discovery", "cpu")
-    config.update({**TINY_FIELDS, **overrides})
-    return config
+    return fuzz.tiny_config(**{"checkpoint_every": 1, **overrides})
 
 
 def read_rows(workdir, split="train") -> list[dict]:
