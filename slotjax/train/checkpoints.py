@@ -25,12 +25,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from slotjax.train.runs import MODEL_FIELDS, TrainingError
+from slotjax.train.runs import (
+    CONFIG_FILE,
+    MODEL_FIELDS,
+    DamagedCheckpoint,
+    TrainingError,
+    config_from_checkpoint,
+    model_differences,
+    read_checkpoint_json,
+)
 from slotjax.train.step import TrainState
 
 CHECKSUM_KEY = "state_sha256"  # in the custom metadata; checkpoints written before it are restored unverified
 STEP_METADATA = "_CHECKPOINT_METADATA"
-CONFIG_FILE = os.path.join("config", "metadata")
 REQUIRED_FILES = (
     STEP_METADATA,
     CONFIG_FILE,
@@ -39,14 +46,6 @@ REQUIRED_FILES = (
 )
 JSON_FILES = (STEP_METADATA, CONFIG_FILE, os.path.join("state", "_METADATA"), os.path.join("state", "_sharding"))
 REFUSAL_FIX = "Restore the files, or move the checkpoints away to start afresh."
-
-
-class DamagedCheckpoint(TrainingError):
-    """A checkpoint whose files are missing, unreadable or altered."""
-
-    def __init__(self, directory, step: int, problem: str):
-        self.directory, self.step, self.problem = os.fspath(directory), step, problem.rstrip(".")
-        super().__init__(f"The checkpoint at step {step} in {self.directory} is damaged: {self.problem}.")
 
 
 class _ReportedWhenRestored(logging.Filter):
@@ -142,18 +141,6 @@ def _directory(checkpoints: ocp.CheckpointManager | str) -> str:
     return os.fspath(checkpoints.directory) if isinstance(checkpoints, ocp.CheckpointManager) else checkpoints
 
 
-def _read_json(directory: str, step: int, name: str):
-    try:
-        with open(os.path.join(directory, str(step), name), "rb") as file:
-            return json.loads(file.read())
-    except FileNotFoundError:
-        raise DamagedCheckpoint(directory, step, f"{name} is missing") from None
-    except OSError as error:
-        raise DamagedCheckpoint(directory, step, f"{name} cannot be read ({error.strerror})") from None
-    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise DamagedCheckpoint(directory, step, f"{name} is not valid JSON: {error}") from None
-
-
 def _stored_checksum(directory: str, step: int) -> str | None:
     """Checks what is cheap (the files are there, the JSON files parse); returns the stored checksum, if any."""
     step_directory = os.path.join(directory, str(step))
@@ -168,8 +155,8 @@ def _stored_checksum(directory: str, step: int) -> str | None:
         ]
     for name in names:
         if os.path.exists(os.path.join(step_directory, name)):
-            _read_json(directory, step, name)
-    metadata = _read_json(directory, step, STEP_METADATA)
+            read_checkpoint_json(directory, step, name)
+    metadata = read_checkpoint_json(directory, step, STEP_METADATA)
     if not isinstance(metadata, dict):
         raise DamagedCheckpoint(directory, step, f"{STEP_METADATA} holds no step metadata")
     custom = metadata.get("custom_metadata")
@@ -177,15 +164,6 @@ def _stored_checksum(directory: str, step: int) -> str | None:
     if checksum is not None and not isinstance(checksum, str):
         raise DamagedCheckpoint(directory, step, f"{STEP_METADATA} holds no valid checksum")
     return checksum
-
-
-def config_from_checkpoint(checkpoints: ocp.CheckpointManager | str, step: int) -> ml_collections.ConfigDict:
-    """The config the checkpoint at `step` was trained with (`checkpoints`: the manager or its directory)."""
-    directory = _directory(checkpoints)
-    saved = _read_json(directory, step, CONFIG_FILE)
-    if not isinstance(saved, dict) or any(name not in saved for name in ("task", "resolution", "num_slots")):
-        raise DamagedCheckpoint(directory, step, f"{CONFIG_FILE} holds no slotjax config")
-    return ml_collections.ConfigDict(saved)
 
 
 def array_paths(state) -> set[str]:
@@ -199,7 +177,7 @@ def saved_array_paths(checkpoints: ocp.CheckpointManager | str, step: int) -> se
     try:
         return {
             "/".join(str(key["key"]) for key in entry["key_metadata"])
-            for entry in _read_json(directory, step, name)["tree_metadata"].values()
+            for entry in read_checkpoint_json(directory, step, name)["tree_metadata"].values()
             if entry["value_metadata"]["value_type"] != "None"
         }
     except (KeyError, TypeError, AttributeError):
@@ -215,13 +193,8 @@ def restore_checkpoint(
     directory = _directory(checkpoints)
     checksum = _stored_checksum(directory, step)
     saved_config = config_from_checkpoint(directory, step)
-    differing = {
-        name: (saved_config.get(name), config.get(name))
-        for name in MODEL_FIELDS
-        if saved_config.get(name) != config.get(name)
-    }
-    if differing:
-        details = ", ".join(f"{name}: checkpoint {saved!r} vs now {now!r}" for name, (saved, now) in differing.items())
+    details = model_differences(saved_config, {name: config.get(name) for name in MODEL_FIELDS})
+    if details:
         raise TrainingError(
             f"The checkpoint at step {step} in {directory} belongs to another model ({details}). "
             "Use the configuration it was trained with, or another --workdir."

@@ -46,10 +46,50 @@ POSITIVE_FIELDS = (
     "head_hidden_size",
 )
 NON_NEGATIVE_FIELDS = ("num_train_steps", "num_devices", "cpu_devices")
+CONFIG_FILE = os.path.join("config", "metadata")  # in a checkpoint's step directory
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss, a checkpoint of another model)."""
+
+
+class DamagedCheckpoint(TrainingError):
+    """A checkpoint whose files are missing, unreadable or altered."""
+
+    def __init__(self, directory, step: int, problem: str):
+        self.directory, self.step, self.problem = os.fspath(directory), step, problem.rstrip(".")
+        super().__init__(f"The checkpoint at step {step} in {self.directory} is damaged: {self.problem}.")
+
+
+def read_checkpoint_json(directory: str, step: int, name: str):
+    """The JSON file `name` of the checkpoint at `step` in `directory`; DamagedCheckpoint where it does not parse."""
+    try:
+        with open(os.path.join(directory, str(step), name), "rb") as file:
+            return json.loads(file.read())
+    except FileNotFoundError:
+        raise DamagedCheckpoint(directory, step, f"{name} is missing") from None
+    except OSError as error:
+        raise DamagedCheckpoint(directory, step, f"{name} cannot be read ({error.strerror})") from None
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedCheckpoint(directory, step, f"{name} is not valid JSON: {error}") from None
+
+
+def config_from_checkpoint(checkpoints, step: int) -> ml_collections.ConfigDict:
+    """The config the checkpoint at `step` was trained with (`checkpoints`: an orbax manager or its directory)."""
+    directory = os.fspath(getattr(checkpoints, "directory", checkpoints))
+    saved = read_checkpoint_json(directory, step, CONFIG_FILE)
+    if not isinstance(saved, dict) or any(name not in saved for name in ("task", "resolution", "num_slots")):
+        raise DamagedCheckpoint(directory, step, f"{CONFIG_FILE} holds no slotjax config")
+    return ml_collections.ConfigDict(saved)
+
+
+def model_differences(saved: Mapping[str, object], wanted: Mapping[str, object]) -> str:
+    """For each field of `wanted` whose value differs from the `saved` config's: "field: checkpoint X vs now Y"."""
+    return ", ".join(
+        f"{name}: checkpoint {saved.get(name)!r} vs now {value!r}"
+        for name, value in wanted.items()
+        if saved.get(name) != value
+    )
 
 
 class Interrupted(KeyboardInterrupt):
@@ -97,14 +137,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def saved_config(workdir: str) -> tuple[int, ml_collections.ConfigDict] | None:
     """(step, config) of the newest checkpoint in `workdir` whose saved config reads, or None."""
     for step in checkpoint_steps(workdir):
-        path = os.path.join(workdir, "checkpoints", str(step), "config", "metadata")
         try:
-            with open(path, "rb") as file:
-                saved = json.loads(file.read().decode("utf-8"))
-        except (OSError, ValueError):  # damaged: the checkpoint's restore names it
+            saved = config_from_checkpoint(os.path.join(workdir, "checkpoints"), step)
+        except DamagedCheckpoint:  # the checkpoint's restore names it
             continue
-        if isinstance(saved, dict) and saved.get("task") in TASKS:
-            return step, ml_collections.ConfigDict(saved)
+        if saved.task in TASKS:
+            return step, saved
     return None
 
 
@@ -118,9 +156,8 @@ def existing_run_config(
     """The config of a run with checkpoints: the `saved` one with the flags' `overrides` ({field path: value}),
     refused where they or the model fields `asked` for explicitly would change the model its checkpoints hold."""
     asked = {**asked, **{name: value for name, value in overrides.items() if name in MODEL_FIELDS}}
-    differing = {name: value for name, value in asked.items() if saved.get(name) != value}
-    if differing:
-        details = ", ".join(f"{name}: checkpoint {saved.get(name)!r} vs now {now!r}" for name, now in differing.items())
+    details = model_differences(saved, asked)
+    if details:
         raise TrainingError(
             f"The checkpoint at step {step} in {os.path.join(workdir, 'checkpoints')} belongs to another model "
             f"({details}) than the flags ask for: drop those flags (a run keeps the config saved with its "
