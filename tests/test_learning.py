@@ -5,7 +5,7 @@ import pytest
 from slotjax.train import trainer
 from tests.conftest import tiny_config
 
-# Small scenes of 2-3 objects at 32x32; a few hundred steps.
+# Small scenes of 2-3 objects at 16x16; a thousand steps or so.
 LEARNING = dict(
     resolution=16,
     batch_size=16,
@@ -47,8 +47,9 @@ def test_set_prediction_learns_objects(tmp_path):
 
     With several slots, AP stays at the untrained level for thousands of steps while Slot Attention learns to
     bind objects to slots (even 2 slots on 1-object scenes: AP(inf) 0.002 after 1,200 steps), which no brief
-    test can wait for; one slot needs no binding, so this checks that the
-    model, the Hungarian loss, the trainer and the AP evaluation together learn the objects' properties.
+    test can wait for. One slot needs no binding: the softmax over a single slot is 1 everywhere, so the slot
+    reads the mean of the values over the whole image. This checks that the model, the Hungarian loss, the
+    trainer and the AP evaluation together learn the objects' properties from that mean.
     """
     untrained, trained = train_and_compare(
         "set_prediction",

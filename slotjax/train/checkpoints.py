@@ -30,6 +30,7 @@ from slotjax.train.runs import (
     MODEL_FIELDS,
     DamagedCheckpoint,
     TrainingError,
+    checkpoint_directory,
     config_from_checkpoint,
     model_differences,
     read_checkpoint_json,
@@ -136,11 +137,6 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, config: m
     manager.wait_until_finished()
 
 
-def _directory(checkpoints: ocp.CheckpointManager | str) -> str:
-    """The directory of the step directories: the manager's, or the path given."""
-    return os.fspath(checkpoints.directory) if isinstance(checkpoints, ocp.CheckpointManager) else checkpoints
-
-
 def _stored_checksum(directory: str, step: int) -> str | None:
     """Checks what is cheap (the files are there, the JSON files parse); returns the stored checksum, if any."""
     step_directory = os.path.join(directory, str(step))
@@ -173,7 +169,7 @@ def array_paths(state) -> set[str]:
 
 def saved_array_paths(checkpoints: ocp.CheckpointManager | str, step: int) -> set[str]:
     """The paths of the arrays stored in the checkpoint at `step` (from state/_METADATA)."""
-    directory, name = _directory(checkpoints), os.path.join("state", "_METADATA")
+    directory, name = checkpoint_directory(checkpoints), os.path.join("state", "_METADATA")
     try:
         return {
             "/".join(str(key["key"]) for key in entry["key_metadata"])
@@ -190,7 +186,7 @@ def restore_checkpoint(
     """Restores the checkpoint at `step` (with a manager, by default its latest) into the shape and sharding of
     `target`. Refuses another model's checkpoint (TrainingError) and a damaged one (DamagedCheckpoint)."""
     step = checkpoints.latest_step() if step is None else step
-    directory = _directory(checkpoints)
+    directory = checkpoint_directory(checkpoints)
     checksum = _stored_checksum(directory, step)
     saved_config = config_from_checkpoint(directory, step)
     details = model_differences(saved_config, {name: config.get(name) for name in MODEL_FIELDS})

@@ -74,9 +74,14 @@ def read_checkpoint_json(directory: str, step: int, name: str):
         raise DamagedCheckpoint(directory, step, f"{name} is not valid JSON: {error}") from None
 
 
+def checkpoint_directory(checkpoints) -> str:
+    """The directory of the step directories: an orbax manager's, or the path given."""
+    return os.fspath(getattr(checkpoints, "directory", checkpoints))
+
+
 def config_from_checkpoint(checkpoints, step: int) -> ml_collections.ConfigDict:
     """The config the checkpoint at `step` was trained with (`checkpoints`: an orbax manager or its directory)."""
-    directory = os.fspath(getattr(checkpoints, "directory", checkpoints))
+    directory = checkpoint_directory(checkpoints)
     saved = read_checkpoint_json(directory, step, CONFIG_FILE)
     if not isinstance(saved, dict) or any(name not in saved for name in ("task", "resolution", "num_slots")):
         raise DamagedCheckpoint(directory, step, f"{CONFIG_FILE} holds no slotjax config")
