@@ -5,7 +5,7 @@ that honours split slicing and returns PNG bytes, as TFDS does when image
 decoding is skipped; one test reads a small real TFDS directory written by
 `store_clevr`. The DeepMind files are written here in the published format,
 from this file's own statement of it (`PUBLISHED_FEATURES`).
-`benchmarks/pipeline.py` reuses `store_clevr` and `write_records`.
+`benchmarks/input_pipeline.py` reuses `store_clevr` and `write_records`.
 """
 
 import functools

@@ -107,13 +107,16 @@ class SlotEncoder(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, images: jax.Array, **slot_attention_options) -> tuple[jax.Array, dict]:
+    def tokens(self, images: jax.Array) -> jax.Array:
+        """[B, H, W, 3] -> [B, N, C]: the inputs Slot Attention attends to, one per grid cell, row-major."""
         check_images(images, self.resolution)
         features = self.encoder_pos(self.encoder_cnn(images))
         batch_size, height, width, channels = features.shape
-        features = features.reshape(batch_size, height * width, channels)  # [B, N, C], row-major
-        features = self.mlp(self.layer_norm(features))
-        return self.slot_attention(features, return_attention=True, **slot_attention_options)
+        features = features.reshape(batch_size, height * width, channels)
+        return self.mlp(self.layer_norm(features))
+
+    def __call__(self, images: jax.Array, **slot_attention_options) -> tuple[jax.Array, dict]:
+        return self.slot_attention(self.tokens(images), return_attention=True, **slot_attention_options)
 
 
 class SlotAutoencoder(nnx.Module):
