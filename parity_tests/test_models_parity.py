@@ -126,6 +126,9 @@ def test_every_output_matches(name, seed, direction):
         value = expected[key]
         expected_value = channels_last(value) if key in ("reconstruction", "slot_reconstructions", "masks") else value
         assert_close(outputs[key], expected_value, FORWARD_TOLERANCE, key)
+    with torch.no_grad():
+        expected_tokens = reference.encoder.tokens(nchw(images))
+    assert_close(model.encoder.tokens(jnp.asarray(images)), expected_tokens, FORWARD_TOLERANCE, "tokens")
 
 
 @pytest.mark.parametrize("seed", [2, 3])

@@ -74,11 +74,14 @@ class SlotEncoder(nn.Module):
             mlp_hidden_size=mlp_hidden_size,
         )
 
-    def forward(self, images: torch.Tensor, **slot_attention_options):  # [B, 3, H, W]
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, N, C]: the inputs Slot Attention attends to, one per grid cell, row-major."""
         features = self.encoder_pos(self.encoder_cnn(images))
-        features = features.permute(0, 2, 3, 1).flatten(1, 2)  # [B, H * W, C], row-major
-        features = self.mlp(self.layer_norm(features))
-        return self.slot_attention(features, return_attention=True, **slot_attention_options)
+        features = features.permute(0, 2, 3, 1).flatten(1, 2)
+        return self.mlp(self.layer_norm(features))
+
+    def forward(self, images: torch.Tensor, **slot_attention_options):  # [B, 3, H, W]
+        return self.slot_attention(self.tokens(images), return_attention=True, **slot_attention_options)
 
 
 class SlotAutoencoder(nn.Module):
