@@ -15,6 +15,7 @@ Reads the latest intact checkpoint of a discovery run on the embedded scenes and
 from __future__ import annotations
 
 import argparse
+import os
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +25,7 @@ from slotjax.convert import restore_model
 from slotjax.data import pipeline, scenes
 from slotjax.data.encoding import COLOUR, COLOURS, MAX_OBJECTS
 from slotjax.train import metrics
+from slotjax.train.runs import TrainingError
 
 SQUARE = 0.25  # side of the probe square, as a fraction of the image side
 
@@ -80,7 +82,14 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="a discovery run's work directory")
     parser.add_argument("--num-examples", type=int, default=512, help="validation scenes to score")
     args = parser.parse_args()
-    model, config, step = restore_model(args.workdir)
+    if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
+        parser.exit(
+            2, f"error: No checkpoint in {os.path.join(args.workdir, 'checkpoints')}: give a run's --workdir.\n"
+        )
+    try:
+        model, config, step = restore_model(args.workdir)
+    except (ValueError, FileNotFoundError, TrainingError) as error:  # no checkpoint, or none intact
+        parser.exit(2, f"error: {error}\n")
     if config.task != "discovery" or config.dataset != "scenes":
         parser.exit(
             2,

@@ -52,10 +52,8 @@ def test_colour_keys_compares_every_colour(discovery_run):
     np.testing.assert_allclose(cosine, cosine.T, atol=1e-6)
 
 
-def test_refuses_a_set_prediction_run(tmp_path):
-    workdir = str(tmp_path)
-    trainer.train_and_evaluate(tiny_config("set_prediction", num_train_steps=3), workdir, print_fn=lambda line: None)
-    result = subprocess.run(
+def run_script(workdir: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, SCRIPT, f"--workdir={workdir}", "--num-examples=8"],
         capture_output=True,
         text=True,
@@ -63,5 +61,17 @@ def test_refuses_a_set_prediction_run(tmp_path):
         env={**os.environ, "PYTHONPATH": REPO},
         timeout=300,
     )
+
+
+def test_refuses_a_set_prediction_run(tmp_path):
+    workdir = str(tmp_path)
+    trainer.train_and_evaluate(tiny_config("set_prediction", num_train_steps=3), workdir, print_fn=lambda line: None)
+    result = run_script(workdir)
     assert result.returncode == 2
     assert "needs discovery on the embedded scenes" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_directory_without_checkpoints_is_one_error_line(tmp_path):
+    result = run_script(str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: No checkpoint in")
