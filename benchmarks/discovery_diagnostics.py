@@ -15,7 +15,6 @@ Reads the latest intact checkpoint of a discovery run on the embedded scenes and
 from __future__ import annotations
 
 import argparse
-import os
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +55,12 @@ def objects_by_colour(model, config) -> tuple[dict[str, list], float, np.ndarray
                 iou = max((pixels & (pred == k)).sum() / (pixels | (pred == k)).sum() for k in range(num_slots))
                 in_background = (pred[pixels] == background_slot).mean()
                 per_colour[COLOURS[image_colours[obj - 1]]].append((iou, in_background))
-    mean = lambda scores: float(np.nanmean(np.concatenate(scores)))  # noqa: E731
-    return per_colour, mean(fg_ari), np.array([mean(scores) for scores in fg_ari_without])
+    return per_colour, _mean(fg_ari), np.array([_mean(scores) for scores in fg_ari_without])
+
+
+def _mean(per_batch: list) -> float:
+    """Mean over all images of per-batch per-image scores, skipping images where FG-ARI is undefined (NaN)."""
+    return float(np.nanmean(np.concatenate(per_batch)))
 
 
 def colour_keys(model, resolution: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +85,6 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="a discovery run's work directory")
     parser.add_argument("--num-examples", type=int, default=512, help="validation scenes to score")
     args = parser.parse_args()
-    if not os.path.isdir(os.path.join(args.workdir, "checkpoints")):
-        parser.exit(
-            2, f"error: No checkpoint in {os.path.join(args.workdir, 'checkpoints')}: give a run's --workdir.\n"
-        )
     try:
         model, config, step = restore_model(args.workdir)
     except (ValueError, FileNotFoundError, TrainingError) as error:  # no checkpoint, or none intact

@@ -350,11 +350,14 @@ def restore_model(workdir: str, step: int | None = None, print_fn=print):
     def target(config):
         return trainer.Trainer(config).initial_state()
 
+    no_checkpoint = f"No checkpoint in {os.path.join(workdir, 'checkpoints')}."
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # refused before the manager creates the directory
+        raise ConversionError(no_checkpoint)
     with _checkpoint_manager(workdir, print_fn=print_fn) as manager:
         if step is None:
             restored = checkpoints.restore_latest_intact(manager, target, print_fn=print_fn)
             if restored is None:
-                raise ConversionError(f"No checkpoint in {os.path.join(workdir, 'checkpoints')}.")
+                raise ConversionError(no_checkpoint)
             state, config = restored
         elif step not in manager.all_steps():
             raise ConversionError(

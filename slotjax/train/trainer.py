@@ -332,11 +332,12 @@ def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, split: str = "validation", print_fn: Callable[[str], None] = print
 ) -> dict[str, float]:
     """Evaluates the latest checkpoint in `workdir` on `split`, logging metrics and pictures there."""
+    no_checkpoint = f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same --workdir."
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # refused before the manager creates the directory
+        raise TrainingError(no_checkpoint)
     manager = checkpoint_manager(workdir, print_fn=print_fn)
     if manager.latest_step() is None:
-        raise TrainingError(
-            f"No checkpoint in {os.path.join(workdir, 'checkpoints')}: train first with the same --workdir."
-        )
+        raise TrainingError(no_checkpoint)
     pipeline.check_data(config, (split,))
     trainer = Trainer(config)
     state, _ = restore_latest_intact(manager, lambda _: trainer.initial_state(), config, print_fn)
