@@ -16,6 +16,9 @@ def common(preset: str) -> ml_collections.ConfigDict:
     config.learning_rate = 4e-4
     config.decay_rate = 0.5
     config.grad_clip_norm = 0.0  # 0: no clipping (the paper); > 0: clip gradients to this global norm
+    # where Adam adds its epsilon: "keras" to sqrt(v) before the step size's bias correction (the paper's code),
+    # "optax" to sqrt(v_hat) after it (optax's and torch's Adam); docs/parity.md
+    config.adam_epsilon = "keras"
     config.num_iterations = 3
     config.slot_size = 64
     config.encoder_features = 64

@@ -15,7 +15,12 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int, decay_steps:
 
 
 def make_optimizer(
-    learning_rate: float, warmup_steps: int, decay_steps: int, decay_rate: float = 0.5, grad_clip_norm: float = 0.0
+    learning_rate: float,
+    warmup_steps: int,
+    decay_steps: int,
+    decay_rate: float = 0.5,
+    grad_clip_norm: float = 0.0,
+    adam_epsilon: str = "keras",
 ):
     """optax Adam (eps 1e-8, default betas) on the official schedule.
 

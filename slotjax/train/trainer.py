@@ -110,7 +110,9 @@ class Trainer:
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         graphdef, self.initial_params, rest = nnx.split(build_model(config), nnx.Param, ...)
         schedule_arguments = (config.learning_rate, config.warmup_steps, config.decay_steps, config.decay_rate)
-        self.optimizer = make_optimizer(*schedule_arguments, config.get("grad_clip_norm", 0.0))
+        self.optimizer = make_optimizer(
+            *schedule_arguments, config.get("grad_clip_norm", 0.0), config.get("adam_epsilon", "keras")
+        )
         self.step_def = StepDef(
             graphdef,
             rest,
