@@ -1,4 +1,5 @@
-"""Tests for slotjax.train.metrics: ARI / FG-ARI against scikit-learn, AP as docs/average_precision.md defines it."""
+"""Tests for slotjax.train.metrics: ARI / FG-ARI against scikit-learn, mBO against a loop version of OCL's
+definition (docs/metrics.md), AP as docs/average_precision.md defines it."""
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,6 @@ def test_fg_ari_edge_cases():
     scores = np.asarray(metrics.fg_ari(true_ids, pred_ids, 4, 7))
     assert np.isnan(scores[0])
     np.testing.assert_allclose(scores[1:], [1.0, 1.0, 0.0], atol=1e-6)
-    np.testing.assert_allclose(metrics.mean_over_valid_images(jnp.asarray(scores)), 2 / 3, atol=1e-6)
 
 
 def test_fg_ari_from_masks_with_more_slots_than_objects_under_jit():
@@ -104,6 +104,107 @@ def test_fg_ari_from_masks_with_more_slots_than_objects_under_jit():
     np.testing.assert_allclose(
         metrics.fg_ari_from_masks(segmentation, shuffled_masks, num_entities), expected, atol=1e-5
     )
+
+
+# ---------------------------------------------------------------------------
+# Mean best overlap.
+# ---------------------------------------------------------------------------
+
+
+def _masks_from_ids(pred_ids, num_slots, rng):
+    """Softmax slot masks [B, K, H, W, 1] whose argmax over slots is pred_ids [B, H, W]."""
+    logits = 5.0 * np.eye(num_slots)[pred_ids] + rng.uniform(0, 1, pred_ids.shape + (num_slots,))  # [B, H, W, K]
+    return jax.nn.softmax(jnp.asarray(logits).transpose(0, 3, 1, 2)[..., None], axis=1)
+
+
+def _loop_mbo_per_image(segmentation, pred_ids, num_slots):
+    """Reference: for each image, each non-empty object mask (id > 0) takes its best IoU over all slot masks
+    (background pixels included), IoU 0 for an empty union; the mean over objects; NaN without objects."""
+    scores = []
+    for true_image, pred_image in zip(segmentation, pred_ids):
+        best_overlaps = []
+        for object_id in range(1, int(true_image.max()) + 1):
+            object_mask = true_image == object_id
+            if not object_mask.any():
+                continue
+            ious = []
+            for slot in range(num_slots):
+                slot_mask = pred_image == slot
+                union = np.sum(object_mask | slot_mask)
+                ious.append(np.sum(object_mask & slot_mask) / union if union else 0.0)
+            best_overlaps.append(max(ious))
+        scores.append(np.mean(best_overlaps) if best_overlaps else np.nan)
+    return np.array(scores)
+
+
+@pytest.mark.parametrize(
+    "seed, height, width, num_entities, num_slots",
+    [(0, 4, 5, 3, 2), (1, 8, 8, 6, 7), (2, 12, 9, 11, 4), (3, 16, 16, 4, 11)],
+)
+def test_mbo_matches_a_loop_version_on_random_segmentations(seed, height, width, num_entities, num_slots):
+    rng = np.random.default_rng(seed)
+    batch_size = 6
+    segmentation = rng.integers(0, num_entities, (batch_size, height, width))
+    segmentation[0] = 0  # an image without objects
+    segmentation[1] = np.where(segmentation[1] == 1, 2, segmentation[1])  # an id absent between present ones
+    noise_levels = np.linspace(0.0, 1.0, batch_size)
+    pred_ids = np.stack(
+        [_noisy_labelling(rng, image, num_slots, noise) for image, noise in zip(segmentation, noise_levels)]
+    )
+    masks = _masks_from_ids(pred_ids, num_slots, rng)
+
+    mbo_fn = jax.jit(metrics.mbo_from_masks, static_argnames="num_entities")
+    scores = np.asarray(mbo_fn(jnp.asarray(segmentation), masks, num_entities=num_entities))
+    expected = _loop_mbo_per_image(segmentation, pred_ids, num_slots)
+    assert scores.shape == (batch_size,) and np.isnan(scores[0])
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    # The mean over a data set skips the images without objects.
+    np.testing.assert_allclose(np.nanmean(scores), np.mean(expected[1:]), atol=1e-6)
+
+
+def test_mbo_edge_cases():
+    segmentation = np.array(
+        [
+            [[0, 0, 0], [0, 1, 1], [0, 0, 0]],  # one object, found exactly
+            [[1, 1, 0], [2, 2, 0], [0, 0, 0]],  # two objects, one slot covering everything
+            [[1, 1, 0], [2, 2, 0], [0, 0, 0]],  # slot 0 holds both objects and nothing else; slot 2 empty
+            [[0, 0, 0], [0, 0, 0], [0, 0, 0]],  # no object
+            [[3, 3, 3], [3, 3, 3], [3, 3, 3]],  # an object covering the whole image, split over two slots
+        ]
+    )
+    pred_ids = np.array(
+        [
+            [[0, 0, 0], [0, 1, 1], [0, 0, 0]],
+            [[1, 1, 1], [1, 1, 1], [1, 1, 1]],
+            [[0, 0, 1], [0, 0, 1], [1, 1, 1]],
+            [[0, 1, 2], [0, 1, 2], [0, 1, 2]],
+            [[0, 0, 0], [0, 0, 0], [1, 1, 1]],
+        ]
+    )
+    num_slots = 3
+    scores = np.asarray(
+        metrics.mbo_from_masks(
+            jnp.asarray(segmentation), _masks_from_ids(pred_ids, num_slots, np.random.default_rng(0)), 4
+        )
+    )
+    expected = [1.0, 2 / 9, 0.5, np.nan, 6 / 9]
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    np.testing.assert_allclose(scores, _loop_mbo_per_image(segmentation, pred_ids, num_slots), atol=1e-6)
+    # An empty slot changes nothing: the same ids with two more slots that never win a pixel.
+    more_slots = metrics.mbo_from_masks(
+        jnp.asarray(segmentation), _masks_from_ids(pred_ids, num_slots + 2, np.random.default_rng(1)), 4
+    )
+    np.testing.assert_allclose(more_slots, expected, atol=1e-6)
+
+
+def test_metrics_worked_example():
+    """The 4x4 example worked through in docs/metrics.md: two objects, three slots."""
+    segmentation = np.array([[[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 0]]])
+    pred_ids = np.array([[[0, 0, 2, 2], [0, 1, 2, 2], [2, 2, 1, 1], [2, 2, 1, 1]]])  # slots 1, 2, 3 of the docs
+    masks = _masks_from_ids(pred_ids, 3, np.random.default_rng(0))
+    np.testing.assert_allclose(metrics.mbo_from_masks(jnp.asarray(segmentation), masks, 3), [0.675], atol=1e-6)
+    np.testing.assert_allclose(metrics.fg_ari_from_masks(jnp.asarray(segmentation), masks, 3), [5 / 12], atol=1e-6)
+    np.testing.assert_allclose(metrics.ari_from_masks(jnp.asarray(segmentation), masks, 3), [0.674208], atol=1e-6)
 
 
 # ---------------------------------------------------------------------------

@@ -1,15 +1,15 @@
-"""Evaluation metrics: (foreground) adjusted Rand index and set-prediction AP.
+"""Evaluation metrics: (foreground) adjusted Rand index, mean best overlap, and set-prediction AP.
 
-ARI / FG-ARI (object discovery) are computed in JAX, batched and jit-able,
-from one-hot contingency tables.  Conventions (scikit-learn's
-`adjusted_rand_score` is the reference):
+ARI / FG-ARI and mBO (object discovery) are computed in JAX, batched and
+jit-able, from one-hot contingency tables; docs/metrics.md defines them.
+Conventions for ARI (scikit-learn's `adjusted_rand_score` is the reference):
 
 * The score is 1.0 whenever the two clusterings agree on every pair of
   pixels, which covers identical labellings up to a permutation of ids, both
   labellings being a single cluster, and images with a single counted pixel.
 * An image with no counted pixel at all (for FG-ARI: no foreground pixel)
-  has no defined score and gets NaN.  Average with `mean_over_valid_images`,
-  which skips those images (or `jnp.nanmean` on concatenated scores).
+  has no defined score and gets NaN, as does an image without objects for
+  mBO.  The mean over a data set skips those images (`jnp.nanmean`).
 
 Average precision (set prediction) follows the official CLEVR evaluation
 (docs/average_precision.md), down to its ranking of tied confidences
@@ -117,9 +117,51 @@ def fg_ari_from_masks(segmentation: jax.Array, masks: jax.Array, num_entities: i
     return fg_ari(segmentation, masks_to_ids(masks), num_entities, masks.shape[1])
 
 
-def mean_over_valid_images(scores: jax.Array) -> jax.Array:
-    """Mean of per-image scores [B], skipping NaN (undefined) images."""
-    return jnp.nanmean(scores)
+# ---------------------------------------------------------------------------
+# Mean best overlap.
+# ---------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("num_true_ids", "num_pred_ids"))
+def mean_best_overlap(true_ids: jax.Array, pred_ids: jax.Array, num_true_ids: int, num_pred_ids: int) -> jax.Array:
+    """Mean best overlap (mBO) per image, as OCL's `UnsupervisedMaskIoUMetric(matching="best_overlap",
+    ignore_background=True)`: each ground-truth object takes its best IoU over the predicted clusters (a cluster
+    may serve several objects), averaged over the objects present.
+
+    The background (true id 0) is no target, but its pixels stay in the predicted clusters, so a slot that
+    spills onto the background loses IoU.  Ids absent from an image are no objects; IoU is 0 where the union is
+    empty.
+
+    Args:
+      true_ids: int [B, ...], ground-truth entity id of every pixel, in [0, num_true_ids); 0 is the background.
+      pred_ids: int [B, ...] (same shape), predicted cluster (slot) of every pixel, in [0, num_pred_ids).
+      num_true_ids: static number of possible ground-truth ids, background included.
+      num_pred_ids: static number of possible predicted ids (slots).
+
+    Returns:
+      float32 [B]: mBO per image; NaN for an image without objects.
+    """
+    batch_size = true_ids.shape[0]
+    object_onehot = jax.nn.one_hot(true_ids.reshape(batch_size, -1), num_true_ids)[..., 1:]  # [B, N, T-1]
+    pred_onehot = jax.nn.one_hot(pred_ids.reshape(batch_size, -1), num_pred_ids)  # [B, N, P]
+
+    intersection = jnp.einsum("bnt,bnp->btp", object_onehot, pred_onehot)  # [B, T-1, P]
+    object_sizes = object_onehot.sum(axis=1)  # [B, T-1]
+    pred_sizes = pred_onehot.sum(axis=1)  # [B, P]
+    union = object_sizes[:, :, None] + pred_sizes[:, None, :] - intersection  # [B, T-1, P]
+    iou = jnp.where(union > 0, intersection / jnp.maximum(union, 1), 0.0)
+    best_overlap = iou.max(axis=2)  # [B, T-1]
+
+    is_object = object_sizes > 0  # [B, T-1]
+    num_objects = is_object.sum(axis=1)  # [B]
+    total = jnp.where(is_object, best_overlap, 0.0).sum(axis=1)
+    return jnp.where(num_objects > 0, total / jnp.maximum(num_objects, 1), jnp.nan)
+
+
+def mbo_from_masks(segmentation: jax.Array, masks: jax.Array, num_entities: int) -> jax.Array:
+    """mBO per image [B] of the model masks (argmax over slots); arguments as `ari_from_masks`; NaN for an image
+    without objects."""
+    return mean_best_overlap(segmentation, masks_to_ids(masks), num_entities, masks.shape[1])
 
 
 # ---------------------------------------------------------------------------
