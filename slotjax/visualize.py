@@ -20,29 +20,40 @@ MIN_TILE_SIZE = 96  # small images are enlarged (nearest neighbour) so that a co
 LABEL_HEIGHT = 14
 
 
-def tile(rows: list[list[np.ndarray]], labels: list[str] = (), padding: int = 2) -> np.ndarray:
-    """Arranges equally sized [H, W, 3] uint8 tiles in a grid with white gaps, under a row of column labels."""
+def tile(
+    rows: list[list[np.ndarray]], labels: list[str] = (), row_labels: list[str] = (), padding: int = 2
+) -> np.ndarray:
+    """Arranges equally sized [H, W, 3] uint8 tiles in a grid with white gaps, under a row of column labels and
+    right of a column of row labels (either may be left out)."""
     height, width = rows[0][0].shape[:2]
     scale = max(1, -(-MIN_TILE_SIZE // width))
     height, width = height * scale, width * scale
     num_columns = max(len(row) for row in rows)
+    font = ImageFont.load_default()
     top_margin = LABEL_HEIGHT if labels else 0
+    left_margin = int(np.ceil(max(font.getlength(label) for label in row_labels))) + 2 * padding if row_labels else 0
     canvas = np.full(
-        (top_margin + len(rows) * (height + padding) + padding, num_columns * (width + padding) + padding, 3),
+        (
+            top_margin + len(rows) * (height + padding) + padding,
+            left_margin + num_columns * (width + padding) + padding,
+            3,
+        ),
         255,
         np.uint8,
     )
     for i, row in enumerate(rows):
         for j, picture in enumerate(row):
-            top, left = top_margin + padding + i * (height + padding), padding + j * (width + padding)
+            top, left = top_margin + padding + i * (height + padding), left_margin + padding + j * (width + padding)
             canvas[top : top + height, left : left + width] = np.repeat(np.repeat(picture, scale, 0), scale, 1)
-    if not labels:
+    if not labels and not row_labels:
         return canvas
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
     for j, label in enumerate(labels):
-        draw.text((padding + j * (width + padding) + 2, 1), label, fill=(0, 0, 0), font=font)
+        draw.text((left_margin + padding + j * (width + padding) + 2, 1), label, fill=(0, 0, 0), font=font)
+    for i, label in enumerate(row_labels):
+        top = top_margin + padding + i * (height + padding) + height // 2 - LABEL_HEIGHT // 2
+        draw.text((padding, top), label, fill=(0, 0, 0), font=font)
     return np.asarray(image)
 
 
@@ -60,6 +71,43 @@ def discovery_grid(images, reconstructions, masks, slot_reconstructions, max_exa
         rows.append([to_uint8(images[b]), to_uint8(reconstructions[b]), *slots])
     labels = ["input", "reconstruction", *(f"slot {k + 1}" for k in range(masks.shape[1]))]
     return tile(rows, labels)
+
+
+def attention_grid(images, attention, max_examples: int = 4) -> np.ndarray:
+    """Where each slot looks at each iteration (the Slot Attention paper's Figure 3): for each example, one row
+    per iteration t = 1..T, the input image in its first row, then each slot's attention map in grey (white: the
+    token's whole attention goes to the slot, black: none).
+
+    images [B, H, W, 3] in [-1, 1]; attention [B, T, K, N] (softmax over slots) over h x w = N tokens in row-major
+    order, a grid of the image's aspect ratio, enlarged (nearest neighbour) to H x W when smaller.
+    """
+    images, attention = np.asarray(images), np.asarray(attention, np.float32)
+    if attention.ndim != 4 or len(attention) != len(images):
+        raise ValueError(
+            f"attention has shape {attention.shape} for {len(images)} images; expected [batch, iterations, slots, "
+            "tokens] with the images' batch size."
+        )
+    _, height, width, _ = images.shape
+    num_iterations, num_slots, num_tokens = attention.shape[1:]
+    grid_height = int(round(np.sqrt(num_tokens * height / width)))
+    grid_width = num_tokens // max(grid_height, 1)
+    if grid_height * grid_width != num_tokens or grid_height * width != grid_width * height:
+        raise ValueError(
+            f"attention maps have {num_tokens} tokens, which is no grid of the {height} x {width} images' aspect "
+            "ratio; pass the attention over the encoder's h x w feature grid."
+        )
+    rows_index = np.arange(height) * grid_height // height  # nearest token row of each pixel row
+    columns_index = np.arange(width) * grid_width // width
+    maps = attention.reshape(attention.shape[:3] + (grid_height, grid_width))[..., rows_index, :][..., columns_index]
+    maps = to_uint8(2.0 * maps - 1.0)[..., None].repeat(3, axis=-1)  # [B, T, K, H, W, 3]
+    blank = np.full((height, width, 3), 255, np.uint8)
+    rows, row_labels = [], []
+    for b in range(min(len(images), max_examples)):
+        for t in range(num_iterations):
+            rows.append([to_uint8(images[b]) if t == 0 else blank, *maps[b, t]])
+            row_labels.append(f"iteration {t + 1}")
+    labels = ["input", *(f"slot {k + 1}" for k in range(num_slots))]
+    return tile(rows, labels, row_labels)
 
 
 def set_prediction_grid(images, predictions, targets, max_examples: int = 8, scale: int = 4) -> np.ndarray:
