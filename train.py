@@ -57,8 +57,7 @@ for signum in (signal.SIGINT, signal.SIGTERM):  # the training loop takes them o
 
 from absl import app, flags  # noqa: E402
 
-import configs  # noqa: E402
-from slotjax import TASKS  # noqa: E402
+from slotjax import TASKS, configs  # noqa: E402
 from slotjax.data.files import SPLITS  # noqa: E402
 from slotjax.train import cli  # noqa: E402
 

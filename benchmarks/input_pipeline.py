@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPOSITORY))
 import jax  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-import configs  # noqa: E402
+from slotjax import configs  # noqa: E402
 from slotjax.data import datasets  # noqa: E402
 from slotjax.train import trainer  # noqa: E402
 from tests.test_datasets import store_clevr, write_records  # noqa: E402

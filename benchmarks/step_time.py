@@ -123,12 +123,11 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
-import configs  # noqa: E402
 import slotjax  # noqa: E402
 import torch_reference  # noqa: E402
 import torch_reference.train.losses  # noqa: E402
 import torch_reference.train.optim  # noqa: E402
-from slotjax import kernels  # noqa: E402
+from slotjax import configs, kernels  # noqa: E402
 from slotjax.convert import flax_to_torch  # noqa: E402
 from slotjax.data.encoding import MAX_OBJECTS, OBJECT_SIZE  # noqa: E402
 from slotjax.flops import count_flops  # noqa: E402

@@ -416,7 +416,7 @@ def config_from_metadata(metadata: Mapping[str, str], weights: str):
             f"{weights!r} names no slotjax config or torch_reference model in its metadata; it was not written by "
             "slotjax or torch_reference.save_model, so the model it belongs to is unknown."
         )
-    import configs  # the repository's configs/ (train.py's), on the path when run from the repository root
+    from slotjax import configs
 
     arguments = described["arguments"]
     if arguments.pop("broadcast_resolution", 8) != 8:

@@ -219,7 +219,7 @@ def infer_config(
     Discovery's resolution follows from the number of decoder layers (8x8 upsampled by each stride-2 layer);
     set prediction's is not stored in the weights: 128 as in the paper unless `resolution` says otherwise.
     """
-    import configs  # the repository's configs/ (train.py's), on the path when run from the repository root
+    from slotjax import configs
 
     task = detect_task(variables, prefix)
     config = configs.get_config(task, "official", "clevr")  # the official scripts train on TFDS CLEVR

@@ -9,7 +9,7 @@ import pathlib
 import jax
 import pytest
 
-import configs
+from slotjax import configs
 
 CACHE_SETTINGS = {
     "jax_compilation_cache_dir": str(pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"),

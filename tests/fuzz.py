@@ -76,7 +76,7 @@ def tiny_flags(**overrides) -> list[str]:
 
 
 def tiny_config(**overrides):
-    import configs
+    from slotjax import configs
 
     config = configs.get_config("discovery", "cpu")
     config.update({**TINY, **overrides})

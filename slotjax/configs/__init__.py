@@ -29,6 +29,6 @@ def get_config(task: str = "discovery", preset: str = "auto", dataset: str = "sc
     """The config of `task` with `preset` ("auto": by the data set) for `dataset`."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
-    config = importlib.import_module(f"configs.{task}").get_config(preset_for(dataset, preset))
+    config = importlib.import_module(f"slotjax.configs.{task}").get_config(preset_for(dataset, preset))
     config.dataset = dataset
     return config

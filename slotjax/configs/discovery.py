@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import apply_cpu_preset, common
+from slotjax.configs.common import apply_cpu_preset, common
 
 
 def get_config(preset: str = "official") -> ml_collections.ConfigDict:

@@ -10,7 +10,8 @@ line for every way it ends.
   and the same status at once.
 - A run that has reached num_train_steps says so in one line and exits 0.
 
-The flags are train.py's; `configs` is the repository's configs/ (on the path when run from its root).
+The flags are train.py's. The config files are the package's (slotjax/configs/): `--config=configs/TASK.py:PRESET`
+names the packaged file wherever no configs/TASK.py exists relative to the working directory.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-import configs
-from slotjax import cpu_devices
+from slotjax import configs, cpu_devices
 from slotjax.data import pipeline
 from slotjax.train import runs
 
@@ -34,6 +34,7 @@ ERRORS = (ValueError, TypeError, FileNotFoundError, runs.TrainingError)  # repor
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parsing, with the default config file chosen by --task and --preset."""
+    argv = packaged_config_files(argv)
     try:
         FLAGS(argv, known_only=True)
     except flags.Error:
@@ -51,6 +52,27 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(unknown_field(argv, configs.get_config(task, preset)) or f"error: {error}")
     except Exception as error:  # the config file is missing or not Python
         sys.exit(f"error: the --config file does not load: {_one_line(error).split(': ', 1)[-1]}")
+
+
+def packaged_config_files(argv: list[str]) -> list[str]:
+    """`argv` with a --config path configs/NAME.py that does not exist relative to the working directory replaced
+    by the packaged slotjax/configs/NAME.py (the config files install with the package)."""
+    argv = list(argv)
+    for index, argument in enumerate(argv):
+        if argument.startswith("--config="):
+            argv[index] = "--config=" + packaged_config_file(argument[len("--config=") :])
+        elif argument == "--config" and index + 1 < len(argv):
+            argv[index + 1] = packaged_config_file(argv[index + 1])
+    return argv
+
+
+def packaged_config_file(value: str) -> str:
+    """configs/NAME.py[:PRESET] as the packaged file where no configs/NAME.py exists here; any other path as it is."""
+    path, colon, preset = value.partition(":")
+    packaged = os.path.join(CONFIGS, path[len("configs/") :])
+    if path.startswith("configs/") and not os.path.exists(path) and os.path.isfile(packaged):
+        return packaged + colon + preset
+    return value
 
 
 def _one_line(error: Exception) -> str:
