@@ -304,7 +304,7 @@ def test_missing_clevr_names_the_directory_and_how_to_get_it(tmp_path):
     message = str(error.value)
     for expected in (
         str(tmp_path / "clevr" / "3.1.0"),
-        f"tfds build clevr --data_dir={tmp_path}",
+        f"python -m slotjax.data.prepare clevr --data_dir={tmp_path}",
         "https://cs.stanford.edu/people/jcjohns/clevr/",
     ):
         assert expected in message
@@ -701,7 +701,7 @@ def test_a_damaged_or_small_clevr_description_is_refused_naming_it(tmp_path, con
 
 def test_a_damaged_clevr_description_read_by_tfds_names_the_directory(tmp_path):
     clevr_description(tmp_path, "garbage{")
-    with pytest.raises(datasets.CorruptRecordError, match="(?s)Could not read the prepared CLEVR in .*tfds build"):
+    with pytest.raises(datasets.CorruptRecordError, match="(?s)Could not read the prepared CLEVR in .*prepare clevr"):
         datasets.make_dataset("clevr", str(tmp_path), "validation", task="discovery", resolution=16, batch_size=2)
 
 

@@ -75,7 +75,7 @@ def clevr_directory(data_dir: str) -> str:
 def clevr_instructions(data_dir: str) -> str:
     return (
         f"Prepare it once (downloads 17.7 GiB from {CLEVR_PAGE}) with\n"
-        f"  tfds build clevr --data_dir={data_dir or 'DIR'}\n"
+        f"  python -m slotjax.data.prepare clevr --data_dir={data_dir or 'DIR'}\n"
         f"and pass that directory as --config.data_dir."
     )
 
