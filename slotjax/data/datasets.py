@@ -81,10 +81,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from slotjax import TASKS  # noqa: E402
 from slotjax.data import files  # noqa: E402
 from slotjax.data.encoding import COLOURS, MATERIALS, MAX_OBJECTS, OBJECT_SIZE, SHAPES, SIZES  # noqa: E402
-from slotjax.data.files import CLEVR_TFDS_NAME, DATASETS, SPLITS  # noqa: E402
+from slotjax.data.files import CLEVR6_MAX_OBJECTS, CLEVR_TFDS_NAME, DATASETS, SPLITS  # noqa: E402
+from slotjax.tasks import DataNeeds, task_named  # noqa: E402
 
 # The errors of make_dataset and check_dataset (defined with the plain-Python file checks).
 DatasetNotFoundError = files.DatasetNotFoundError
@@ -97,7 +97,6 @@ except RuntimeError:  # TF already initialised its devices elsewhere
     pass
 
 CLEVR_CROP = (slice(29, 221), slice(64, 256))  # rows, columns
-CLEVR6_MAX_OBJECTS = 6
 # TFDS clevr feature name -> the one-hot order of the set prediction target.
 TARGET_PROPERTIES = (("size", SIZES), ("material", MATERIALS), ("shape", SHAPES), ("color", COLOURS))
 _CLEVR_TEST_HAS_NO_OBJECTS = "CLEVR's test split has no object annotations; use 'validation' for set prediction."
@@ -188,14 +187,13 @@ def make_dataset(
         raise ValueError(
             f"Unknown data set {name!r}; use one of {', '.join(DATASETS)} (or 'scenes', the embedded one)."
         )
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; use one of {', '.join(TASKS)}.")
+    task_needs = task_named(task).data
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
-    if task == "set_prediction" and name != "clevr":
+    if task_needs.targets and name != "clevr":
         raise ValueError(
-            f"Data set {name!r} has no set prediction targets; only 'clevr' (TFDS) gives them. "
-            "Use task='discovery' or dataset='clevr'."
+            f"Data set {name!r} has no {task} targets; only 'clevr' (TFDS) gives them. "
+            "Use dataset='clevr' or another task."
         )
     if resolution < 1 or batch_size < 1:
         raise ValueError(f"resolution ({resolution}) and batch_size ({batch_size}) must be positive.")
@@ -204,7 +202,7 @@ def make_dataset(
 
     if name == "clevr":
         examples, source = _clevr_examples(
-            data_dir, split, task, resolution, shuffle, seed, process_index, process_count, download
+            data_dir, split, task_needs, resolution, shuffle, seed, process_index, process_count, download
         )
     else:
         examples, source = _record_examples(
@@ -233,7 +231,7 @@ def check_dataset(name: str, data_dir: str, task: str, needs: dict[str, int]) ->
     refusing missing, short or unreadable files in one message naming the file (`slotjax.data.files` checks
     what plain Python can first)."""
     files.check_files(name, data_dir, needs)
-    if task == "set_prediction" and name == "clevr" and "test" in needs:
+    if task_named(task).data.targets and name == "clevr" and "test" in needs:
         raise ValueError(_CLEVR_TEST_HAS_NO_OBJECTS)
     if name == "clevr":
         builder = _clevr_builder(data_dir, download=False)
@@ -309,7 +307,7 @@ def _preprocess(image: tf.Tensor, segmentation: tf.Tensor | None, crop: bool, re
 def _clevr_examples(
     data_dir: str,
     split: str,
-    task: str,
+    task_needs: DataNeeds,
     resolution: int,
     shuffle: bool,
     seed: int,
@@ -318,7 +316,7 @@ def _clevr_examples(
     download: bool,
 ) -> tuple[tf.data.Dataset, str]:
     """Preprocessed CLEVR examples of this process's share of `split`, and their directory."""
-    if task == "set_prediction" and split == "test":
+    if task_needs.targets and split == "test":
         raise ValueError(_CLEVR_TEST_HAS_NO_OBJECTS)
     builder = _clevr_builder(data_dir, download)
     tfds_split, first, end = files.CLEVR_SPLITS[split]
@@ -330,15 +328,15 @@ def _clevr_examples(
         decoders={"image": tfds.decode.SkipDecoding()},  # decode only the scenes kept
         read_config=tfds.ReadConfig(shuffle_seed=seed),
     )
-    max_objects = CLEVR6_MAX_OBJECTS if task == "discovery" else MAX_OBJECTS
+    max_objects = task_needs.clevr_max_objects
     examples = examples.filter(lambda example: tf.shape(example["objects"]["3d_coords"])[0] <= max_objects)
     features = builder.info.features
     label_orders = _target_label_orders(features["objects"].feature)
 
     def preprocess(example):
         image = features["image"].decode_example(example["image"])
-        inputs = _preprocess(image, None, crop=task == "discovery", resolution=resolution)
-        if task == "set_prediction":
+        inputs = _preprocess(image, None, crop=task_needs.clevr_crop, resolution=resolution)
+        if task_needs.targets:
             inputs["target"] = _clevr_target(example["objects"], label_orders)
         return inputs
 

@@ -19,6 +19,7 @@ import zlib
 
 DATASETS = ("clevr", "clevr_with_masks", "multi_dsprites", "tetrominoes", "objects_room")
 SPLITS = ("train", "train_eval", "validation", "test")
+CLEVR6_MAX_OBJECTS = 6  # the paper's CLEVR6: CLEVR scenes with at most 6 objects
 
 CLEVR_TFDS_NAME = "clevr:3.1.0"
 CLEVR_PAGE = "https://cs.stanford.edu/people/jcjohns/clevr/"

@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 
 from slotjax.train.runs import (
     CONFIG_FILE,
-    MODEL_FIELDS,
     DamagedCheckpoint,
     TrainingError,
     checkpoint_directory,
@@ -35,7 +34,7 @@ from slotjax.train.runs import (
     model_differences,
     read_checkpoint_json,
 )
-from slotjax.train.step import TrainState
+from slotjax.train.step import TrainState, initial_state
 
 CHECKSUM_KEY = "state_sha256"  # in the custom metadata; checkpoints written before it are restored unverified
 STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -184,24 +183,49 @@ def restore_checkpoint(
     checkpoints: ocp.CheckpointManager | str, target: TrainState, config, step: int | None = None
 ) -> TrainState:
     """Restores the checkpoint at `step` (with a manager, by default its latest) into the shape and sharding of
-    `target`. Refuses another model's checkpoint (TrainingError) and a damaged one (DamagedCheckpoint)."""
+    `target`. Refuses another model's checkpoint (TrainingError) and a damaged one (DamagedCheckpoint).
+
+    The optimiser settings follow `config`: a checkpoint written with others (gradient clipping on or off) is read
+    in its own layout and its optimiser state carried over where its arrays are the same."""
     step = checkpoints.latest_step() if step is None else step
     directory = checkpoint_directory(checkpoints)
     checksum = _stored_checksum(directory, step)
     saved_config = config_from_checkpoint(directory, step)
-    details = model_differences(saved_config, {name: config.get(name) for name in MODEL_FIELDS})
+    details = model_differences(saved_config, config)
     if details:
         raise TrainingError(
             f"The checkpoint at step {step} in {directory} belongs to another model ({details}). "
             "Use the configuration it was trained with, or another --workdir."
         )
-    differing_arrays = sorted(array_paths(target) ^ saved_array_paths(directory, step))
+    stored = saved_array_paths(directory, step)
+    if array_paths(target) == stored:
+        return _read_state(directory, step, target, checksum)
+    sharding = jax.tree.leaves(target)[0].sharding
+    saved_layout = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(lambda: initial_state(saved_config)),
+    )
+    differing_arrays = sorted(array_paths(saved_layout) ^ stored)
     if differing_arrays:
         raise TrainingError(
-            f"The checkpoint at step {step} in {directory} holds another training state than this "
-            f"configuration builds ({len(differing_arrays)} arrays differ, e.g. {differing_arrays[0]}). Use the "
-            "configuration it was trained with (the optimiser's grad_clip_norm too), or another --workdir."
+            f"The checkpoint at step {step} in {directory} holds another training state than its configuration "
+            f"builds ({len(differing_arrays)} arrays differ, e.g. {differing_arrays[0]}): it was written by another "
+            "version of slotjax. Use another --workdir."
         )
+    state = _read_state(directory, step, saved_layout, checksum)
+    optimizer_arrays = jax.tree.leaves(state.opt_state)
+    layout = [(array.shape, array.dtype) for array in optimizer_arrays]
+    if layout != [(array.shape, array.dtype) for array in jax.tree.leaves(target.opt_state)]:
+        raise TrainingError(
+            f"The optimiser state of the checkpoint at step {step} in {directory} does not fit the optimiser these "
+            f"settings build: use the settings it was trained with (adam_epsilon={saved_config.adam_epsilon!r}, "
+            f"grad_clip_norm={saved_config.grad_clip_norm!r}), or another --workdir."
+        )
+    return state.replace(opt_state=jax.tree.unflatten(jax.tree.structure(target.opt_state), optimizer_arrays))
+
+
+def _read_state(directory: str, step: int, target, checksum: str | None) -> TrainState:
+    """The arrays of the checkpoint at `step`, in the layout of `target`, checked against the `checksum`."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     _silence_failed_reads()  # before the read: TensorStore's threads report its leftovers while it fails
     try:
@@ -280,8 +304,6 @@ def _move_aside(directory: str, step: int) -> str:
 def verify_checkpoint(workdir: str, step: int) -> str | None:
     """What is wrong with the checkpoint at `step` in `workdir` (None when it is intact): its files, its JSON, its
     arrays and their checksum. It only reads; the model is built from the checkpoint's own config."""
-    from slotjax.train.trainer import Trainer
-
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(os.path.join(directory, str(step))):
         return f"there is no checkpoint at step {step}"
@@ -289,7 +311,7 @@ def verify_checkpoint(workdir: str, step: int) -> str | None:
         return unlistable[step]
     try:
         config = config_from_checkpoint(directory, step)
-        restore_checkpoint(directory, Trainer(config).initial_state(), config, step)
+        restore_checkpoint(directory, initial_state(config), config, step)
     except DamagedCheckpoint as error:
         return error.problem
     return None

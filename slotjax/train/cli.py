@@ -2,7 +2,8 @@
 line for every way it ends.
 
 - A work directory with checkpoints runs with the config saved with them (`--mode=eval` too); flags change
-  only what leaves the model as it is, and a flag that would change the model is refused.
+  only what leaves the model as it is, and a flag that would change the model is refused. The devices to use
+  (`num_devices`, `cpu_devices`) are this machine's: the flags', not the saved ones.
 - Bad flags, settings and data files: one line "error: ..." on stderr, exit status 1, no traceback. The
   data files are checked before JAX starts (`slotjax.data.files`), then opened by the trainer.
 - SIGINT (Ctrl-C) or SIGTERM: training saves a checkpoint and the run exits with 130 or 143 (128 + the
@@ -134,7 +135,7 @@ def run() -> None:
 def run_config():
     """(config, work directory): a new run's config from the flags, or an existing run's saved config with the
     flags' changes that leave its model as it is."""
-    config = FLAGS.config
+    config = configs.with_defaults(FLAGS.config)  # a config file of one's own may lack newer fields
     whole_config = FLAGS["config"].present or (FLAGS["preset"].present and FLAGS.preset != "auto")
     if not FLAGS["config"].present:  # --task: the preset "auto" follows the data set
         preset = configs.preset_for(config.dataset, FLAGS.preset)
@@ -147,8 +148,9 @@ def run_config():
     saved = runs.saved_config(workdir)
     if saved is None:
         return config, workdir
-    asked = {name: config.get(name) for name in runs.MODEL_FIELDS} if whole_config else {}
+    asked = {name: config.get(name) for name in runs.model_fields(config)} if whole_config else {}
     if FLAGS["task"].present:
         asked["task"] = config.task
     overrides = config_flags.get_override_values(FLAGS["config"])
-    return runs.existing_run_config(*saved, workdir, asked, overrides), workdir
+    machine = {name: config[name] for name in runs.MACHINE_FIELDS}
+    return runs.existing_run_config(*saved, workdir, asked, overrides, machine), workdir

@@ -13,23 +13,14 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from slotjax import TASKS
+from slotjax import configs
 from slotjax.data.files import DATASETS
+from slotjax.tasks import MODEL_FIELDS, TASKS, task_named, task_of
+from slotjax.train.optim import ADAM_EPSILONS
 
-# Fields that decide the model's parameters: a checkpoint only fits a model built with the same values.
-MODEL_FIELDS = (
-    "task",
-    "resolution",
-    "num_slots",
-    "slot_size",
-    "encoder_features",
-    "decoder_features",
-    "mlp_hidden_size",
-    "head_hidden_size",
-)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("stop", "skip")
-POSITIVE_FIELDS = (
+POSITIVE_FIELDS = (  # of either task's config
     "batch_size",
     "eval_batch_size",
     "log_every",
@@ -46,6 +37,7 @@ POSITIVE_FIELDS = (
     "head_hidden_size",
 )
 NON_NEGATIVE_FIELDS = ("num_train_steps", "num_devices", "cpu_devices")
+MACHINE_FIELDS = ("num_devices", "cpu_devices")  # the devices of the machine that runs, not of the run
 CONFIG_FILE = os.path.join("config", "metadata")  # in a checkpoint's step directory
 
 
@@ -80,20 +72,28 @@ def checkpoint_directory(checkpoints) -> str:
 
 
 def config_from_checkpoint(checkpoints, step: int) -> ml_collections.ConfigDict:
-    """The config the checkpoint at `step` was trained with (`checkpoints`: an orbax manager or its directory)."""
+    """The config the checkpoint at `step` was trained with (`checkpoints`: an orbax manager or its directory), with
+    the defaults of the fields added since (`configs.with_defaults`)."""
     directory = checkpoint_directory(checkpoints)
     saved = read_checkpoint_json(directory, step, CONFIG_FILE)
     if not isinstance(saved, dict) or any(name not in saved for name in ("task", "resolution", "num_slots")):
         raise DamagedCheckpoint(directory, step, f"{CONFIG_FILE} holds no slotjax config")
-    return ml_collections.ConfigDict(saved)
+    return configs.with_defaults(ml_collections.ConfigDict(saved))
 
 
-def model_differences(saved: Mapping[str, object], wanted: Mapping[str, object]) -> str:
-    """For each field of `wanted` whose value differs from the `saved` config's: "field: checkpoint X vs now Y"."""
+def model_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The config fields that shape the parameters of the config's model."""
+    return MODEL_FIELDS + task_of(config).model_fields
+
+
+def model_differences(saved: Mapping[str, object], config: ml_collections.ConfigDict) -> str:
+    """Whether a checkpoint trained with the `saved` config belongs to the model `config` builds: "" when it does,
+    else each field that shapes the parameters and differs, as "field: checkpoint X vs now Y". Training settings
+    (batch size, learning rate, clipping, ...) never count: they follow the flags."""
     return ", ".join(
-        f"{name}: checkpoint {saved.get(name)!r} vs now {value!r}"
-        for name, value in wanted.items()
-        if saved.get(name) != value
+        f"{name}: checkpoint {saved.get(name)!r} vs now {config.get(name)!r}"
+        for name in model_fields(config)
+        if saved.get(name) != config.get(name)
     )
 
 
@@ -105,31 +105,43 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Refuses settings no run can use, naming the --config flag and the values it takes."""
-    if config.get("task") not in TASKS:
-        raise ValueError(f"task={config.get('task')!r} is not a task; use --task={' or --task='.join(TASKS)}.")
-    datasets = ("scenes", *DATASETS)
-    if config.dataset not in datasets:
-        raise ValueError(f"Unknown data set {config.dataset!r}; use --config.dataset= one of {', '.join(datasets)}.")
-    if config.task == "set_prediction" and config.dataset not in ("scenes", "clevr"):
+def check_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Refuses settings no run can use, naming the --config flag and the values it takes: the one place where a
+    config is checked. `device_count`: the devices a batch is split over, once they are known."""
+    task = task_named(config.get("task"))
+    known = ("scenes", *DATASETS)
+    if config.dataset not in known:
+        raise ValueError(f"Unknown data set {config.dataset!r}; use --config.dataset= one of {', '.join(known)}.")
+    if config.dataset not in task.datasets:
         raise ValueError(
-            f"Data set {config.dataset!r} has no set prediction targets; use --config.dataset=clevr (or the "
-            "embedded scenes) for set prediction, or --task=discovery."
+            f"Data set {config.dataset!r} has no {task.name} targets; use --config.dataset= one of "
+            f"{', '.join(task.datasets)} for {task.name}, or another --task."
         )
-    for name, least in [(name, 1) for name in POSITIVE_FIELDS] + [(name, 0) for name in NON_NEGATIVE_FIELDS]:
-        value = config.get(name, least)  # a task's config has only its model's fields
+    limits = [(name, 1) for name in POSITIVE_FIELDS] + [(name, 0) for name in NON_NEGATIVE_FIELDS]
+    for name, least in limits:
+        value = config.get(name, least)  # a task's config has only its own model's fields
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}: set --config.{name}.")
-    if config.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+    choices = [
+        ("compute_dtype", COMPUTE_DTYPES),
+        ("nonfinite_loss", NONFINITE_POLICIES),
+        ("adam_epsilon", ADAM_EPSILONS),
+    ]
+    for name, values in choices:
+        if config[name] not in values:
+            raise ValueError(f"{name}={config[name]!r} is not supported; use --config.{name}={' or '.join(values)}.")
+    if not isinstance(config.grad_clip_norm, (int, float)) or config.grad_clip_norm < 0:
         raise ValueError(
-            f"compute_dtype={config.compute_dtype!r} is not supported; use --config.compute_dtype="
-            f"{' or '.join(COMPUTE_DTYPES)}."
+            f"grad_clip_norm={config.grad_clip_norm!r} is not a norm: set --config.grad_clip_norm to 0 (no clipping) "
+            "or a positive number."
         )
-    if config.get("nonfinite_loss", "stop") not in NONFINITE_POLICIES:
-        raise ValueError(
-            f"nonfinite_loss={config.nonfinite_loss!r} is not a policy; use --config.nonfinite_loss=stop or skip."
-        )
+    task.check_config(config)
+    for name in ("batch_size", "eval_batch_size") if device_count else ():
+        if config[name] % device_count:
+            raise ValueError(
+                f"{name}={config[name]} is not divisible by the {device_count} devices; "
+                f"use a multiple of {device_count} or set --config.num_devices."
+            )
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -157,22 +169,24 @@ def existing_run_config(
     workdir: str,
     asked: Mapping[str, object],
     overrides: Mapping[str, object],
+    machine: Mapping[str, object] | None = None,
 ) -> ml_collections.ConfigDict:
-    """The config of a run with checkpoints: the `saved` one with the flags' `overrides` ({field path: value}),
-    refused where they or the model fields `asked` for explicitly would change the model its checkpoints hold."""
-    asked = {**asked, **{name: value for name, value in overrides.items() if name in MODEL_FIELDS}}
-    details = model_differences(saved, asked)
-    if details:
-        raise TrainingError(
-            f"The checkpoint at step {step} in {os.path.join(workdir, 'checkpoints')} belongs to another model "
-            f"({details}) than the flags ask for: drop those flags (a run keeps the config saved with its "
-            "checkpoints), or use another --workdir."
-        )
-    config = ml_collections.ConfigDict(saved.to_dict())
+    """The config of a run with checkpoints: the `saved` one with the flags' `overrides` ({field path: value}) and
+    this `machine`'s MACHINE_FIELDS, refused where the overrides or the fields `asked` for explicitly would change
+    the model its checkpoints hold."""
+    config = ml_collections.ConfigDict({**saved.to_dict(), **(machine or {})})
     for path, value in overrides.items():
         *parents, field = path.split(".")
         node = config
         for parent in parents:
             node = node[parent]
         node[field] = value
+    wanted = ml_collections.ConfigDict({**config.to_dict(), **asked})
+    details = model_differences(saved, wanted)
+    if details:
+        raise TrainingError(
+            f"The checkpoint at step {step} in {os.path.join(workdir, 'checkpoints')} belongs to another model "
+            f"({details}) than the flags ask for: drop those flags (a run keeps the config saved with its "
+            "checkpoints), or use another --workdir."
+        )
     return config

@@ -1,13 +1,16 @@
-"""The training and evaluation steps: pure functions of (state, batch), the same for every device layout.
+"""The training state and the steps: pure functions of (state, batch), the same for every device layout.
 
-`train_step` and `eval_step` take a `StepDef` (the model's structure and the loss and optimiser settings)
-as their first argument; the trainer binds it with `functools.partial` and compiles the result with
-`jax.jit` over its device mesh. benchmarks/step_time.py times these same functions.
+`initial_state(config)` is the state a run starts from, built from the config alone (no device mesh): training
+starts from it, and checkpoints of any run restore into it. `train_step` and `eval_step` take a `StepDef` (the
+model's structure, its task's loss and scores, the optimiser) as their first argument; the trainer binds it with
+`functools.partial` and compiles the result with `jax.jit` over its device mesh. benchmarks/step_time.py times
+these same functions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -18,11 +21,8 @@ import optax
 from flax import nnx, struct
 
 from slotjax.nn.layers import set_compute_dtype
-from slotjax.nn.models import SetPredictor, SlotAutoencoder
-from slotjax.train import losses, metrics
-
-MAX_ENTITIES = 11  # ground-truth ids 0..10 (CLEVR with masks has the most: 10 objects + background)
-MODELS = {"discovery": SlotAutoencoder, "set_prediction": SetPredictor}
+from slotjax.tasks import Task, task_of
+from slotjax.train.optim import learning_rate_schedule, make_optimizer
 
 
 @struct.dataclass
@@ -33,73 +33,88 @@ class TrainState:
     rng: jax.Array
 
 
-def model_spec(config: ml_collections.ConfigDict) -> tuple[str, dict[str, Any]]:
-    """The model class name and constructor arguments a config asks for (the same in torch_reference)."""
-    arguments = dict(
-        resolution=config.resolution,
-        num_slots=config.num_slots,
-        num_iterations=config.num_iterations,
-        slot_size=config.slot_size,
-        encoder_features=config.encoder_features,
-        mlp_hidden_size=config.mlp_hidden_size,
-    )
-    if config.task == "discovery":
-        return "SlotAutoencoder", {**arguments, "decoder_features": config.decoder_features}
-    return "SetPredictor", {**arguments, "head_hidden_size": config.head_hidden_size}
-
-
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> nnx.Module:
-    _, arguments = model_spec(config)
-    if config.task == "discovery":
-        arguments["remat_decoder"] = config.get("remat_decoder", False)
-    model = MODELS[config.task](**arguments, rngs=nnx.Rngs(config.seed if seed is None else seed))
-    if config.get("compute_dtype", "float32") != "float32":
+    """The model of the config's task, initialised from `seed` (default config.seed), computing in
+    config.compute_dtype."""
+    model = task_of(config).build_model(config, nnx.Rngs(config.seed if seed is None else seed))
+    if config.compute_dtype != "float32":
         set_compute_dtype(model, jnp.dtype(config.compute_dtype))
     return model
 
 
-def example_losses(task: str, outputs: dict, batch: dict) -> jax.Array:
-    """[B]: each example's loss; their mean is `compute_loss`."""
-    if task == "discovery":
-        squared_error = jnp.square(outputs["reconstruction"] - batch["image"])
-        return squared_error.reshape(squared_error.shape[0], -1).mean(axis=1)
-    # Rows past the data's largest scene are padding (the trainer refuses fewer slots than that), so a model with
-    # K < 10 slots is matched against the first K rows: the same loss without padding rows left unmatched.
-    predictions = outputs["predictions"]
-    return losses.hungarian_huber_costs(predictions, batch["target"][:, : predictions.shape[1]])
+def optimizer_and_schedule(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Callable]:
+    """The optimiser the config trains with, and its learning-rate schedule (step -> rate)."""
+    schedule_arguments = (config.learning_rate, config.warmup_steps, config.decay_steps, config.decay_rate)
+    optimizer = make_optimizer(*schedule_arguments, config.grad_clip_norm, config.adam_epsilon)
+    return optimizer, learning_rate_schedule(*schedule_arguments)
 
 
-def compute_loss(task: str, outputs: dict, batch: dict) -> jax.Array:
-    """The training loss: MSE (discovery) or the Hungarian-matched Huber loss (set prediction)."""
-    if task == "discovery":
-        return losses.mse_loss(outputs["reconstruction"], batch["image"])
-    return example_losses(task, outputs, batch).mean()
-
-
-def task_loss(task: str, model: nnx.Module, batch: dict, key: jax.Array) -> jax.Array:
-    """A task's training loss of `model` on a batch (`key` draws the initial slots)."""
-    return compute_loss(task, model(batch["image"], key=key), batch)
+def initial_state(config: ml_collections.ConfigDict) -> TrainState:
+    """Step 0 of the run `config` describes: its initial parameters and a fresh optimiser state."""
+    params = nnx.state(build_model(config), nnx.Param)
+    optimizer, _ = optimizer_and_schedule(config)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(config.seed + 1)),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class StepDef:
-    """What the steps need besides (state, batch): the model's structure, its loss and the optimiser."""
+    """What the steps need besides (state, batch): the model's structure, its loss and scores, and the optimiser."""
 
     graphdef: nnx.GraphDef
     rest: Any  # the model's state other than parameters (its noise stream)
-    loss: Callable[[nnx.Module, dict, jax.Array], jax.Array]  # (model, batch, key) -> scalar
+    loss: Callable[[nnx.Module, dict, jax.Array, jax.Array], jax.Array]  # (model, batch, key, step) -> scalar
     optimizer: optax.GradientTransformation
     schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate, for the logs
     skip_nonfinite: bool = False  # a non-finite loss leaves the parameters as they were
+    evaluate: Callable[[nnx.Module, dict], tuple[dict, dict]] | None = None  # (model, batch) -> (scores, outputs)
 
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, params, self.rest, copy=True)
 
 
+def make_step_def(config: ml_collections.ConfigDict, skip_nonfinite: bool = False) -> StepDef:
+    """The StepDef of the config's task and optimiser."""
+    task = task_of(config)
+    graphdef, _, rest = nnx.split(build_model(config), nnx.Param, ...)
+    optimizer, schedule = optimizer_and_schedule(config)
+    return StepDef(
+        graphdef,
+        rest,
+        functools.partial(training_loss, task, config),
+        optimizer,
+        schedule,
+        skip_nonfinite,
+        functools.partial(evaluation, task, config),
+    )
+
+
+def training_loss(
+    task: Task, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict, key: jax.Array, step: jax.Array
+) -> jax.Array:
+    """The task's training loss of `model` on a batch at training `step` (`key` draws the initial slots)."""
+    return task.loss(task.forward(config, model, batch, key, step), batch)
+
+
+def evaluation(task: Task, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict) -> tuple[dict, dict]:
+    """(per-example scores, outputs) of `model` on a batch, with a fixed key: evaluating a checkpoint is
+    reproducible."""
+    outputs = task.forward(config, model, batch, jax.random.key(0))
+    return task.scores(outputs, batch), outputs
+
+
 def train_step(step_def: StepDef, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     """One optimiser step on one (global) batch; returns the new state and the loss."""
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, grads = jax.value_and_grad(lambda params: step_def.loss(step_def.model(params), batch, key))(state.params)
+
+    def loss_of(params):
+        return step_def.loss(step_def.model(params), batch, key, state.step)
+
+    loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = step_def.optimizer.update(grads, state.opt_state, state.params)
     new_state = state.replace(
         step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
@@ -112,17 +127,7 @@ def train_step(step_def: StepDef, state: TrainState, batch: dict) -> tuple[Train
     return new_state, {"loss": loss, "finite": finite, "learning_rate": step_def.schedule(state.step)}
 
 
-def eval_step(step_def: StepDef, task: str, params, batch: dict) -> tuple[dict, dict]:
-    """Per-example metrics of a batch (a fixed key: evaluating a checkpoint is reproducible) and the outputs.
-
-    Returns (scores, outputs): scores maps each metric to one value per example ([B]; FG-ARI is NaN for an image
-    without foreground); outputs are the model's, for pictures and the set-prediction AP.
-    """
-    outputs = step_def.model(params)(batch["image"], key=jax.random.key(0))
-    scores = {"loss": example_losses(task, outputs, batch)}
-    if task == "discovery":
-        scores["mse"] = scores["loss"]
-        if "segmentation" in batch:
-            scores["fg_ari"] = metrics.fg_ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
-            scores["ari"] = metrics.ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
-    return scores, outputs
+def eval_step(step_def: StepDef, params, batch: dict) -> tuple[dict, dict]:
+    """Per-example scores of a batch ([B] each; FG-ARI is NaN for an image without foreground) and the model's
+    outputs, for the pictures and the metrics of the whole evaluation."""
+    return step_def.evaluate(step_def.model(params), batch)

@@ -15,17 +15,14 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from slotjax import visualize
 from slotjax.data import pipeline
-from slotjax.data.encoding import MAX_OBJECTS
-from slotjax.train import metrics
+from slotjax.tasks import task_of
 from slotjax.train.checkpoints import (
     TrainingError,
     checkpoint_manager,
@@ -33,9 +30,8 @@ from slotjax.train.checkpoints import (
     save_checkpoint,
 )
 from slotjax.train.logger import Logger
-from slotjax.train.optim import learning_rate_schedule, make_optimizer
 from slotjax.train.runs import Interrupted, check_config
-from slotjax.train.step import StepDef, TrainState, build_model, eval_step, task_loss, train_step
+from slotjax.train.step import TrainState, eval_step, initial_state, make_step_def, train_step
 
 PICTURE_EXAMPLES = 8  # examples of the first evaluation batch drawn in the picture
 UNDEFINED_PER_EXAMPLE = ("fg_ari", "ari")  # NaN for an image without (foreground) pixels: averaged over the others
@@ -86,52 +82,20 @@ class MeshStep:
 
 
 class Trainer:
-    """Holds what the loops share: the model's structure, optimiser, mesh and compiled steps."""
+    """What the loops share: the device mesh, the compiled steps and the config's task."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        check_config(config)
-        self.config = config
+    def __init__(self, config: ml_collections.ConfigDict, skip_nonfinite: bool = False):
+        self.config, self.task = config, task_of(config)
         self.mesh = make_mesh(config.num_devices)
-        for name in ("batch_size", "eval_batch_size"):
-            if config[name] % self.mesh.size:
-                raise ValueError(
-                    f"{name}={config[name]} is not divisible by the {self.mesh.size} devices; "
-                    f"use a multiple of {self.mesh.size} or set --config.num_devices."
-                )
-        self.skip_limit = config.get("nonfinite_skip_limit", 10)  # 10 for configs saved without the field
-        # the most objects a scene of the data set holds: the embedded scenes' setting, up to 10 in CLEVR
-        max_objects = config.max_objects if config.dataset == "scenes" else MAX_OBJECTS
-        if config.task == "set_prediction" and config.num_slots < max_objects:
-            raise ValueError(
-                f"num_slots={config.num_slots} is below the {max_objects} objects a scene of {config.dataset!r} may "
-                f"hold: the Hungarian matching would leave objects unmatched. Use --config.num_slots >= {max_objects}."
-            )
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.data_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        graphdef, self.initial_params, rest = nnx.split(build_model(config), nnx.Param, ...)
-        schedule_arguments = (config.learning_rate, config.warmup_steps, config.decay_steps, config.decay_rate)
-        self.optimizer = make_optimizer(
-            *schedule_arguments, config.get("grad_clip_norm", 0.0), config.get("adam_epsilon", "keras")
-        )
-        self.step_def = StepDef(
-            graphdef,
-            rest,
-            functools.partial(task_loss, config.task),
-            self.optimizer,
-            learning_rate_schedule(*schedule_arguments),
-            config.nonfinite_loss == "skip",
-        )
+        self.step_def = make_step_def(config, skip_nonfinite)
         self.train_step = MeshStep(self.mesh, jax.jit(functools.partial(train_step, self.step_def), donate_argnums=0))
-        self.eval_step = MeshStep(self.mesh, jax.jit(functools.partial(eval_step, self.step_def, config.task)))
+        self.eval_step = MeshStep(self.mesh, jax.jit(functools.partial(eval_step, self.step_def)))
 
     def initial_state(self) -> TrainState:
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=self.initial_params,
-            opt_state=self.optimizer.init(self.initial_params),
-            rng=jax.random.key_data(jax.random.key(self.config.seed + 1)),
-        )
-        return jax.device_put(state, self.replicated)
+        """`step.initial_state` of the config, replicated over the mesh."""
+        return jax.device_put(initial_state(self.config), self.replicated)
 
     def model(self, params) -> nnx.Module:
         return self.step_def.model(params)
@@ -144,49 +108,30 @@ class Trainer:
     def evaluate(self, params, split: str) -> tuple[dict[str, float], np.ndarray]:
         """Metrics over `config.num_eval_examples` examples of `split`, and a picture of the first batch.
 
-        Only the per-example scores, the set-prediction AP inputs and the first batch's pictured examples
+        Only the per-example scores, the arrays the task's metrics pool and the first batch's pictured examples
         cross between hosts.
         """
-        set_prediction = self.config.task == "set_prediction"
         scores: dict[str, list[np.ndarray]] = {}
-        predictions, targets, picture = [], [], None
+        pooled: dict[str, list[np.ndarray]] = {}
+        picture = None
         for batch in pipeline.eval_batches(self.config, split, jax.process_index(), jax.process_count()):
             batch = self.shard(batch)
             batch_scores, outputs = self.eval_step(params, batch)
-            gathered = {"scores": batch_scores}
-            if set_prediction:
-                gathered.update(predictions=outputs["predictions"], targets=batch["target"])
+            gathered = {"scores": batch_scores, "pooled": self.task.pooled(outputs, batch)}
             if picture is None:
-                gathered["picture"] = jax.tree.map(
-                    lambda array: array[:PICTURE_EXAMPLES], self._pictured(batch, outputs)
-                )
+                pictured = self.task.pictured(outputs, batch)
+                gathered["pictured"] = jax.tree.map(lambda array: array[:PICTURE_EXAMPLES], pictured)
             gathered = multihost_utils.process_allgather(gathered, tiled=True)
             for name, values in gathered["scores"].items():
                 scores.setdefault(name, []).append(np.asarray(values, np.float64))
-            if set_prediction:
-                predictions.append(gathered["predictions"])
-                targets.append(gathered["targets"])
+            for name, values in gathered["pooled"].items():
+                pooled.setdefault(name, []).append(np.asarray(values))
             if picture is None:
-                picture = self.picture(gathered["picture"])
+                picture = self.task.picture(gathered["pictured"])
         results = {name: _mean(name, np.concatenate(values)) for name, values in scores.items()}
-        if set_prediction:
-            results.update(
-                metrics.average_precision_at_thresholds(np.concatenate(predictions), np.concatenate(targets))
-            )
+        if pooled:
+            results.update(self.task.metrics({name: np.concatenate(values) for name, values in pooled.items()}))
         return results, picture
-
-    def _pictured(self, batch: dict, outputs: dict) -> dict:
-        if self.config.task == "set_prediction":
-            return {"image": batch["image"], "target": batch["target"], "predictions": outputs["predictions"]}
-        names = ("reconstruction", "masks", "slot_reconstructions")
-        return {"image": batch["image"], **{name: outputs[name] for name in names}}
-
-    def picture(self, pictured: dict) -> np.ndarray:
-        if self.config.task == "discovery":
-            return visualize.discovery_grid(
-                pictured["image"], pictured["reconstruction"], pictured["masks"], pictured["slot_reconstructions"]
-            )
-        return visualize.set_prediction_grid(pictured["image"], pictured["predictions"], pictured["target"])
 
 
 def _mean(name: str, values: np.ndarray) -> float:
@@ -219,90 +164,40 @@ class _StopRequest:
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, print_fn: Callable[[str], None] = print
 ) -> dict[str, float]:
-    """Trains `config.num_train_steps` steps (resuming from `workdir`), evaluating every `eval_every`.
+    """Trains `config.num_train_steps` steps (resuming from `workdir`), evaluating every `eval_every`; returns the
+    last evaluation's results.
 
     SIGINT or SIGTERM saves a checkpoint at the end of the current step, then raises `Interrupted`.
     """
-    pipeline.check_data(config, ("train", "validation"))
-    os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config)
+    nonfinite = NonfinitePolicy(config)
+    trainer = start_run(config, ("train", "validation"), nonfinite.skip)
     devices = trainer.mesh.devices.ravel()
     print_fn(
         f"data-parallel over {len(devices)} {devices[0].platform.upper()} device(s), "
         f"{config.batch_size // len(devices)} examples each"
     )
+    os.makedirs(workdir, exist_ok=True)
     logger = Logger(workdir)
     manager = checkpoint_manager(workdir, config, print_fn)
-    state = trainer.initial_state()
-    restored = restore_latest_intact(manager, lambda _: state, config, print_fn)
-    if restored is not None:
-        state = restored[0]
-        print_fn(f"Resuming from the checkpoint at step {int(state.step)} in {workdir}.")
+    state = resume(trainer, manager, workdir, print_fn)
     start_step = int(state.step)
-    if start_step and start_step >= config.num_train_steps:
-        print_fn(
-            f"The run in {workdir} is finished: its checkpoint is at step {start_step} of "
-            f"num_train_steps={config.num_train_steps}. Evaluate it with --mode=eval, or train on with a larger "
-            "--config.num_train_steps."
-        )
+    if finished(config, start_step, workdir, print_fn):
         manager.close()
         return {}
     batches = pipeline.train_batches(config, start_step, jax.process_index(), jax.process_count())
+    progress = Progress(config, start_step, logger, print_fn)
     last_eval: dict[str, float] = {}
-    timer_start, timer_step = None, start_step
-    evaluated = False
-    skipped = 0  # non-finite batches in a row
     with _StopRequest() as stop:
         for step in range(start_step, config.num_train_steps):
             state, step_metrics = trainer.train_step(state, trainer.shard(next(batches)))
             done = step + 1  # steps are numbered from 1, as in metrics.jsonl and the checkpoints
-            skipped = 0 if bool(step_metrics["finite"]) else skipped + 1
-            if skipped:
-                message = f"The loss is not finite at step {done} ({float(step_metrics['loss'])})."
-                if config.nonfinite_loss == "stop":
-                    raise TrainingError(
-                        message + f" Stopped; the last good checkpoint is step {manager.latest_step()}. "
-                        "Lower the learning rate, or set --config.nonfinite_loss=skip to skip such batches."
-                    )
-                if skipped >= trainer.skip_limit:
-                    raise TrainingError(
-                        message + f" Stopped after {skipped} non-finite batches in a row "
-                        f"(--config.nonfinite_skip_limit); the last good checkpoint is step {manager.latest_step()}. "
-                        "Lower the learning rate, or check the data."
-                    )
-                print_fn(message + " Skipped that batch (nonfinite_loss='skip').")
-            if timer_start is None:  # the first step compiled; time from here
-                timer_start, timer_step = time.perf_counter(), done
-            if done % config.log_every == 0 or done == config.num_train_steps:
-                elapsed = time.perf_counter() - timer_start
-                steps_per_second = (done - timer_step) / elapsed if elapsed > 0 and done > timer_step else 0.0
-                eta = (config.num_train_steps - done) / steps_per_second if steps_per_second else float("nan")
-                loss = float(step_metrics["loss"])
-                print_fn(
-                    f"step {done}/{config.num_train_steps}  loss {loss:.5f}  {steps_per_second:.2f} steps/s  "
-                    f"ETA {_duration(eta)}"
-                )
-                logger.scalars(
-                    done,
-                    "train",
-                    {
-                        "loss": loss,
-                        "learning_rate": step_metrics["learning_rate"],
-                        "steps_per_second": steps_per_second,
-                    },
-                )
-            if done % config.checkpoint_every == 0 or done == config.num_train_steps or stop.signal_name:
+            nonfinite.check(done, step_metrics, manager.latest_step(), print_fn)
+            progress.log(done, step_metrics)
+            if checkpoint_due(config, done) or stop.signal_name:
                 save_checkpoint(manager, state, config)
-            # the first evaluation also comes after `first_eval_seconds` of training, so a short run leaves a picture
-            # (one process only: the processes of a multi-host run would disagree on the clock)
-            first_due = (
-                not evaluated
-                and jax.process_count() == 1
-                and time.perf_counter() - timer_start >= config.get("first_eval_seconds", 0) > 0
-            )
-            if done % config.eval_every == 0 or done == config.num_train_steps or first_due:
+            if evaluation_due(config, done) or progress.first_picture_due():
                 last_eval = evaluate_and_log(trainer, state.params, done, "validation", logger, print_fn)
-                evaluated = True
+                progress.evaluated = True
             if stop.signal_name:
                 print_fn(
                     f"Received {stop.signal_name}: saved the checkpoint at step {done}; run the same command to resume."
@@ -312,6 +207,109 @@ def train_and_evaluate(
     if stop.signal_name:
         raise Interrupted(signal.Signals[stop.signal_name])
     return last_eval
+
+
+def start_run(config: ml_collections.ConfigDict, splits: tuple[str, ...], skip_nonfinite: bool = False) -> Trainer:
+    """The trainer of a run that reads `splits`, after the config and the data files are checked."""
+    check_config(config)
+    pipeline.check_data(config, splits)
+    trainer = Trainer(config, skip_nonfinite)
+    check_config(config, trainer.mesh.size)  # the batch splits over the mesh's devices
+    return trainer
+
+
+def resume(trainer: Trainer, manager, workdir: str, print_fn: Callable[[str], None]) -> TrainState:
+    """The newest intact checkpoint's state, or the initial state where there is none."""
+    state = trainer.initial_state()
+    restored = restore_latest_intact(manager, lambda _: state, trainer.config, print_fn)
+    if restored is None:
+        return state
+    print_fn(f"Resuming from the checkpoint at step {int(restored[0].step)} in {workdir}.")
+    return restored[0]
+
+
+def finished(config: ml_collections.ConfigDict, step: int, workdir: str, print_fn: Callable[[str], None]) -> bool:
+    """Whether a run resumed at `step` has nothing left to train (and says so)."""
+    if not step or step < config.num_train_steps:
+        return False
+    print_fn(
+        f"The run in {workdir} is finished: its checkpoint is at step {step} of "
+        f"num_train_steps={config.num_train_steps}. Evaluate it with --mode=eval, or train on with a larger "
+        "--config.num_train_steps."
+    )
+    return True
+
+
+class NonfinitePolicy:
+    """config.nonfinite_loss at a non-finite loss: "stop" training, or "skip" the batch (the compiled step keeps
+    the parameters, `StepDef.skip_nonfinite`) up to `nonfinite_skip_limit` batches in a row."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.skip = config.nonfinite_loss == "skip"
+        self.limit = config.nonfinite_skip_limit
+        self.in_a_row = 0
+
+    def check(self, done: int, step_metrics: dict, last_checkpoint: int | None, print_fn: Callable[[str], None]):
+        """After step `done`: nothing if its loss is finite, else a skip line or the TrainingError that stops."""
+        self.in_a_row = 0 if bool(step_metrics["finite"]) else self.in_a_row + 1
+        if not self.in_a_row:
+            return
+        message = f"The loss is not finite at step {done} ({float(step_metrics['loss'])})."
+        if not self.skip:
+            raise TrainingError(
+                message + f" Stopped; the last good checkpoint is step {last_checkpoint}. "
+                "Lower the learning rate, or set --config.nonfinite_loss=skip to skip such batches."
+            )
+        if self.in_a_row >= self.limit:
+            raise TrainingError(
+                message + f" Stopped after {self.in_a_row} non-finite batches in a row "
+                f"(--config.nonfinite_skip_limit); the last good checkpoint is step {last_checkpoint}. "
+                "Lower the learning rate, or check the data."
+            )
+        print_fn(message + " Skipped that batch (nonfinite_loss='skip').")
+
+
+def checkpoint_due(config: ml_collections.ConfigDict, done: int) -> bool:
+    return done % config.checkpoint_every == 0 or done == config.num_train_steps
+
+
+def evaluation_due(config: ml_collections.ConfigDict, done: int) -> bool:
+    return done % config.eval_every == 0 or done == config.num_train_steps
+
+
+class Progress:
+    """The log line every `log_every` steps (loss, steps/s and the time left, timed from the end of the first step,
+    which compiles), and the first picture's time."""
+
+    def __init__(self, config: ml_collections.ConfigDict, start_step: int, logger: Logger, print_fn):
+        self.config, self.logger, self.print_fn = config, logger, print_fn
+        self.timer_start, self.timer_step = None, start_step
+        self.evaluated = False  # whether this run has evaluated yet
+
+    def log(self, done: int, step_metrics: dict) -> None:
+        if self.timer_start is None:  # the first step compiled; time from here
+            self.timer_start, self.timer_step = time.perf_counter(), done
+        if done % self.config.log_every and done != self.config.num_train_steps:
+            return
+        elapsed = time.perf_counter() - self.timer_start
+        steps_per_second = (done - self.timer_step) / elapsed if elapsed > 0 and done > self.timer_step else 0.0
+        eta = (self.config.num_train_steps - done) / steps_per_second if steps_per_second else float("nan")
+        loss = float(step_metrics["loss"])
+        self.print_fn(
+            f"step {done}/{self.config.num_train_steps}  loss {loss:.5f}  {steps_per_second:.2f} steps/s  "
+            f"ETA {_duration(eta)}"
+        )
+        values = {"loss": loss, "learning_rate": step_metrics["learning_rate"], "steps_per_second": steps_per_second}
+        self.logger.scalars(done, "train", values)
+
+    def first_picture_due(self) -> bool:
+        """The first evaluation also comes after `first_eval_seconds` of training, so a short run leaves a picture
+        (one process only: the processes of a multi-host run would disagree on the clock)."""
+        return (
+            not self.evaluated
+            and jax.process_count() == 1
+            and time.perf_counter() - self.timer_start >= self.config.first_eval_seconds > 0
+        )
 
 
 def evaluate_and_log(
@@ -340,21 +338,14 @@ def evaluate_checkpoint(
     manager = checkpoint_manager(workdir, print_fn=print_fn)
     if manager.latest_step() is None:
         raise TrainingError(no_checkpoint)
-    pipeline.check_data(config, (split,))
-    trainer = Trainer(config)
+    trainer = start_run(config, (split,))
     state, _ = restore_latest_intact(manager, lambda _: trainer.initial_state(), config, print_fn)
     results = evaluate_and_log(trainer, state.params, int(state.step), split, Logger(workdir), print_fn)
-    if config.task == "set_prediction":
-        print_fn(format_ap_table(results))
+    report = trainer.task.report(results)
+    if report:
+        print_fn(report)
     manager.close()
     return results
-
-
-def format_ap_table(results: dict[str, float]) -> str:
-    names = [metrics.ap_metric_name(threshold) for threshold in metrics.AP_THRESHOLDS]
-    header = "| threshold | " + " | ".join(str(t if t is not None else "none") for t in metrics.AP_THRESHOLDS) + " |"
-    values = "| AP        | " + " | ".join(f"{results[name]:.4f}" for name in names) + " |"
-    return "\n".join([header, "|" + "---|" * (len(names) + 1), values])
 
 
 def _duration(seconds: float) -> str:

@@ -1,0 +1,84 @@
+"""Object discovery: the slot autoencoder reconstructs the image; MSE loss, FG-ARI and ARI against the ground-truth
+segmentation (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from slotjax import visualize
+from slotjax.data.files import CLEVR6_MAX_OBJECTS, DATASETS
+from slotjax.nn.models import SlotAutoencoder
+from slotjax.tasks.task import DataNeeds, Task
+from slotjax.train import metrics
+
+MAX_ENTITIES = 11  # ground-truth ids 0..10 (CLEVR with masks has the most: 10 objects + background)
+BROADCAST_RESOLUTION = 8  # the official decoder starts from 8x8 and doubles it in each stride-2 layer
+PICTURED = ("reconstruction", "masks", "slot_reconstructions")
+
+
+class Discovery(Task):
+    name = "discovery"
+    model_fields = ("decoder_features",)
+    torch_model = "SlotAutoencoder"
+    datasets = ("scenes", *DATASETS)
+    data = DataNeeds(clevr_max_objects=CLEVR6_MAX_OBJECTS, clevr_crop=True)  # CLEVR6, cropped as the official code
+    tf_head = "decoder_cnn/"
+
+    def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SlotAutoencoder:
+        return SlotAutoencoder(**self.model_arguments(config), remat_decoder=config.remat_decoder, rngs=rngs)
+
+    def loss(self, outputs: dict, batch: dict) -> jax.Array:
+        """MSE over B x H x W x C."""
+        return squared_errors(outputs, batch).mean()
+
+    def scores(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:
+        """Each image's MSE (as "loss" and "mse"), and its FG-ARI and ARI where the batch has a segmentation."""
+        errors = squared_errors(outputs, batch)
+        mse = errors.reshape(errors.shape[0], -1).mean(axis=1)
+        scores = {"loss": mse, "mse": mse}
+        if "segmentation" in batch:
+            scores["fg_ari"] = metrics.fg_ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
+            scores["ari"] = metrics.ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
+        return scores
+
+    def pictured(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:
+        return {"image": batch["image"], **{name: outputs[name] for name in PICTURED}}
+
+    def picture(self, pictured: dict[str, np.ndarray]) -> np.ndarray:
+        return visualize.discovery_grid(*(pictured[name] for name in ("image", *PICTURED)))
+
+    def tf_names(self, table, torch_names) -> None:
+        table.layer("decoder_pos/dense", "decoder_pos.dense", table.DENSE)
+        num_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in torch_names)
+        for index in range(num_layers):
+            table.layer(f"decoder_cnn/layer_with_weights-{index}", f"decoder_cnn.convs.{index}", table.CONV)
+
+    def tf_config(self, config: ml_collections.ConfigDict, variables, required, resolution: int | None) -> None:
+        """The decoder's width, and the resolution its number of layers implies (8x8 doubled by each stride-2
+        layer; all but the last two are)."""
+        num_layers = len({name.split("/")[1] for name in variables if name.startswith(self.tf_head)})
+        if num_layers < 3:
+            raise ValueError(
+                f"{num_layers} decoder_cnn layers; the official decoder has at least one stride-2 layer and two "
+                "stride-1 layers."
+            )
+        config.decoder_features = required("decoder_cnn/layer_with_weights-0/kernel", 4)[2]
+        implied = BROADCAST_RESOLUTION * 2 ** (num_layers - 2)
+        if resolution is not None and resolution != implied:
+            raise ValueError(
+                f"a decoder of {num_layers} layers, which produces {implied}x{implied} images, not the "
+                f"{resolution}x{resolution} asked for."
+            )
+        config.resolution = implied
+
+
+def squared_errors(outputs: dict, batch: dict) -> jax.Array:
+    """[B, H, W, C]: the reconstruction's squared error."""
+    return jnp.square(outputs["reconstruction"] - batch["image"])
+
+
+DISCOVERY = Discovery()
