@@ -10,7 +10,8 @@ Command line (a checkpoint directory, whose latest checkpoint is read, or a `ckp
     python -m slotjax.convert --input=DIR_OR_CKPT_PREFIX --output=runs/official_discovery
     python -m slotjax.convert --input=DIR_OR_CKPT_PREFIX --output=model.safetensors
 
-TensorFlow is imported only when a checkpoint is read.
+TensorFlow is imported only when a checkpoint is read or written. The names of each task's own layers (the
+decoder, the classifier head) are the task's (`Task.tf_names`, `Task.tf_config`).
 """
 
 from __future__ import annotations
@@ -21,15 +22,16 @@ from dataclasses import dataclass
 import ml_collections
 import numpy as np
 
-from slotjax.convert import ConversionError
+from slotjax import configs
+from slotjax.tasks import TASKS, Task, task_of
+from slotjax.torch_layout import flax_to_torch, torch_shapes, torch_to_flax
+from slotjax.weights_file import ConversionError
 
 MODEL_PREFIX = "network/layer_with_weights-0/"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 SLOT_MARKER = "/.OPTIMIZER_SLOT/"  # Keras OptimizerV2 slots (Adam's m, v) sit under each model variable's path
 STEP_NAME = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
 IGNORED_PREFIXES = ("optimizer/", "global_step/", "save_counter/", "_CHECKPOINTABLE_OBJECT_GRAPH")  # not the model
-BROADCAST_RESOLUTION = 8  # the official decoder starts from 8x8
-OFFICIAL_SET_PREDICTION_RESOLUTION = 128  # the classifier's 32x32 position grid after two stride-2 convs
 
 # How a TF array becomes torch_reference's: Dense [in, out] -> [out, in]; Conv2D kernels [k, k, in, out] and
 # Conv2DTranspose kernels [k, k, out, in] -> [out, in, k, k] and [in, out, k, k]; GRU see `_gru_blocks`.
@@ -46,44 +48,45 @@ class TFCheckpoint:
     step: int
 
 
-def _name_table(task: str, num_decoder_layers: int) -> dict[str, tuple[str, str]]:
-    """TF attribute path (without prefix and suffix) -> (torch_reference name, layout rule)."""
-    table: dict[str, tuple[str, str]] = {}
+class NameTable(dict):
+    """TF attribute path (without prefix and suffix) -> (torch_reference name, layout rule), filled layer by layer."""
 
-    def layer(tf_path, torch_path, rule, bias=True):
-        table[f"{tf_path}/kernel"] = (f"{torch_path}.weight", rule)
+    DENSE, CONV = DENSE, CONV
+
+    def layer(self, tf_path: str, torch_path: str, rule: str, bias: bool = True) -> None:
+        self[f"{tf_path}/kernel"] = (f"{torch_path}.weight", rule)
         if bias:
-            table[f"{tf_path}/bias"] = (f"{torch_path}.bias", SAME)
+            self[f"{tf_path}/bias"] = (f"{torch_path}.bias", SAME)
 
-    def norm(tf_path, torch_path):
-        table[f"{tf_path}/gamma"] = (f"{torch_path}.weight", SAME)
-        table[f"{tf_path}/beta"] = (f"{torch_path}.bias", SAME)
+    def norm(self, tf_path: str, torch_path: str) -> None:
+        self[f"{tf_path}/gamma"] = (f"{torch_path}.weight", SAME)
+        self[f"{tf_path}/beta"] = (f"{torch_path}.bias", SAME)
 
-    def mlp(tf_path, torch_path):
-        layer(f"{tf_path}/layer_with_weights-0", f"{torch_path}.hidden", DENSE)
-        layer(f"{tf_path}/layer_with_weights-1", f"{torch_path}.output", DENSE)
+    def mlp(self, tf_path: str, torch_path: str) -> None:
+        self.layer(f"{tf_path}/layer_with_weights-0", f"{torch_path}.hidden", DENSE)
+        self.layer(f"{tf_path}/layer_with_weights-1", f"{torch_path}.output", DENSE)
 
+
+def _name_table(task: Task, torch_names) -> NameTable:
+    """The names of every variable of the task's official model whose torch_reference parameters are
+    `torch_names`: the shared encoder's, then the task's own."""
+    table = NameTable()
     for index in range(4):
-        layer(f"encoder_cnn/layer_with_weights-{index}", f"encoder.encoder_cnn.convs.{index}", CONV)
-    layer("encoder_pos/dense", "encoder.encoder_pos.dense", DENSE)
-    norm("layer_norm", "encoder.layer_norm")
-    mlp("mlp", "encoder.mlp")
+        table.layer(f"encoder_cnn/layer_with_weights-{index}", f"encoder.encoder_cnn.convs.{index}", CONV)
+    table.layer("encoder_pos/dense", "encoder.encoder_pos.dense", DENSE)
+    table.norm("layer_norm", "encoder.layer_norm")
+    table.mlp("mlp", "encoder.mlp")
     for name in ("slots_mu", "slots_log_sigma"):
         table[f"slot_attention/{name}"] = (f"encoder.slot_attention.{name}", SAME)
     for name in ("q", "k", "v"):
-        layer(f"slot_attention/project_{name}", f"encoder.slot_attention.project_{name}", DENSE, bias=False)
+        table.layer(f"slot_attention/project_{name}", f"encoder.slot_attention.project_{name}", DENSE, bias=False)
     for name in ("inputs", "slots", "mlp"):
-        norm(f"slot_attention/norm_{name}", f"encoder.slot_attention.norm_{name}")
+        table.norm(f"slot_attention/norm_{name}", f"encoder.slot_attention.norm_{name}")
     table["slot_attention/gru/kernel"] = ("encoder.slot_attention.gru.weight_ih", GRU_KERNEL)
     table["slot_attention/gru/recurrent_kernel"] = ("encoder.slot_attention.gru.weight_hh", GRU_KERNEL)
     table["slot_attention/gru/bias"] = ("encoder.slot_attention.gru.bias_ih", GRU_BIAS)  # and bias_hh
-    mlp("slot_attention/mlp", "encoder.slot_attention.mlp")
-    if task == "discovery":
-        layer("decoder_pos/dense", "decoder_pos.dense", DENSE)
-        for index in range(num_decoder_layers):
-            layer(f"decoder_cnn/layer_with_weights-{index}", f"decoder_cnn.convs.{index}", CONV)
-    else:
-        mlp("mlp_classifier", "mlp_classifier")
+    table.mlp("slot_attention/mlp", "encoder.slot_attention.mlp")
+    task.tf_names(table, torch_names)
     return table
 
 
@@ -188,17 +191,17 @@ def read_variables(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray],
     return prefix, variables, step
 
 
-def detect_task(variables: dict[str, np.ndarray], prefix: str) -> str:
-    """'discovery' (a decoder is present) or 'set_prediction' (a classifier head is)."""
-    has_decoder = any(name.startswith("decoder_cnn/") for name in variables)
-    has_classifier = any(name.startswith("mlp_classifier/") for name in variables)
-    if has_decoder == has_classifier:
-        found = "both a decoder_cnn and an mlp_classifier" if has_decoder else "neither decoder_cnn nor mlp_classifier"
+def detect_task(variables: dict[str, np.ndarray], prefix: str) -> Task:
+    """The task whose model the variables hold: the one task whose own layers (`Task.tf_head`) are present."""
+    official = [task for task in TASKS.values() if task.tf_head]
+    found = [task for task in official if any(name.startswith(task.tf_head) for name in variables)]
+    if len(found) != 1:
+        what = f"the layers of {len(found)} models" if found else "none of the layers only one model has"
+        heads = ", ".join(f"{task.name}: {task.tf_head.rstrip('/')}" for task in found or official)
         raise ConversionError(
-            f"{prefix!r} holds {found}: it is not one of the official Slot Attention models "
-            "(object discovery has a decoder, set prediction a classifier)."
+            f"{prefix!r} holds {what} ({heads}): it is not one of the official Slot Attention models."
         )
-    return "discovery" if has_decoder else "set_prediction"
+    return found[0]
 
 
 def _required(variables: dict[str, np.ndarray], name: str, rank: int, prefix: str) -> tuple[int, ...]:
@@ -219,31 +222,17 @@ def infer_config(
     Discovery's resolution follows from the number of decoder layers (8x8 upsampled by each stride-2 layer);
     set prediction's is not stored in the weights: 128 as in the paper unless `resolution` says otherwise.
     """
-    from slotjax import configs
-
     task = detect_task(variables, prefix)
-    config = configs.get_config(task, "official", "clevr")  # the official scripts train on TFDS CLEVR
+    config = configs.get_config(task.name, "official", "clevr")  # the official scripts train on TFDS CLEVR
     config.encoder_features = _required(variables, "encoder_cnn/layer_with_weights-0/kernel", 4, prefix)[3]
     config.slot_size = _required(variables, "slot_attention/slots_mu", 3, prefix)[2]
     config.mlp_hidden_size = _required(variables, "slot_attention/mlp/layer_with_weights-0/kernel", 2, prefix)[1]
-    if task == "discovery":
-        num_layers = len({name.split("/")[1] for name in variables if name.startswith("decoder_cnn/")})
-        if num_layers < 3:
-            raise ConversionError(
-                f"{prefix!r} has {num_layers} decoder_cnn layers; the official decoder has at least "
-                "one stride-2 layer and two stride-1 layers."
-            )
-        config.decoder_features = _required(variables, "decoder_cnn/layer_with_weights-0/kernel", 4, prefix)[2]
-        implied = BROADCAST_RESOLUTION * 2 ** (num_layers - 2)
-        if resolution is not None and resolution != implied:
-            raise ConversionError(
-                f"The decoder in {prefix!r} ({num_layers} layers) produces {implied}x{implied} "
-                f"images, not the {resolution}x{resolution} asked for."
-            )
-        config.resolution = implied
-    else:
-        config.head_hidden_size = _required(variables, "mlp_classifier/layer_with_weights-0/kernel", 2, prefix)[1]
-        config.resolution = OFFICIAL_SET_PREDICTION_RESOLUTION if resolution is None else resolution
+    try:
+        task.tf_config(config, variables, lambda name, rank: _required(variables, name, rank, prefix), resolution)
+    except ConversionError:
+        raise
+    except ValueError as error:
+        raise ConversionError(f"{prefix!r} holds {error}") from None
     return config
 
 
@@ -256,12 +245,10 @@ def to_state_dict(
     """
     from flax import nnx
 
-    from slotjax import convert
-    from slotjax.train import step as steps
+    from slotjax.train.step import build_model
 
-    torch_shapes = convert.torch_shapes(nnx.eval_shape(lambda: steps.build_model(config)))  # nothing initialised
-    num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in torch_shapes)
-    table = _name_table(config.task, num_decoder_layers)
+    shapes = torch_shapes(nnx.eval_shape(lambda: build_model(config)))  # nothing initialised
+    table = _name_table(task_of(config), shapes)
     missing = sorted(set(table) - set(variables))
     unexpected = sorted(set(variables) - set(table))
     if missing or unexpected:
@@ -272,7 +259,7 @@ def to_state_dict(
     state_dict = {}
     for name, (torch_name, rule) in table.items():
         value = variables[name]
-        expected = _tf_shape(rule, torch_name, torch_shapes)
+        expected = _tf_shape(rule, torch_name, shapes)
         if value.shape != expected:
             raise ConversionError(
                 f"Variable {MODEL_PREFIX}{name}{VALUE_SUFFIX} in {prefix!r} has shape "
@@ -297,40 +284,21 @@ def read_tf_checkpoint(path: str | os.PathLike, resolution: int | None = None) -
 
 def load_tf_model(path: str | os.PathLike, resolution: int | None = None):
     """(slotjax model with the checkpoint's weights, its config): for notebooks."""
-    from slotjax.convert import torch_to_flax
-    from slotjax.train import step as steps
+    from slotjax.train.step import build_model
 
     checkpoint = read_tf_checkpoint(path, resolution)
-    return torch_to_flax(checkpoint.state_dict, steps.build_model(checkpoint.config)), checkpoint.config
+    return torch_to_flax(checkpoint.state_dict, build_model(checkpoint.config)), checkpoint.config
 
 
-def convert_tf_checkpoint(path: str | os.PathLike, output: str, resolution: int | None = None) -> str:
-    """Official checkpoint -> `output`: torch_reference weights (.safetensors / .pt), or else a slotjax work
-    directory that `train.py --workdir=output` evaluates (`--mode=eval`) or fine-tunes."""
-    from slotjax import convert
-    from slotjax.train import step as steps
-
-    checkpoint = read_tf_checkpoint(path, resolution)
-    model = convert.torch_to_flax(checkpoint.state_dict, steps.build_model(checkpoint.config))
-    if convert.is_weights_file(output):
-        convert.save_model_weights(model, checkpoint.config, checkpoint.step, output)
-    else:
-        convert.write_checkpoint(model, checkpoint.config, checkpoint.step, output)
-    return output
-
-
-def write_tf_checkpoint(model, step: int, directory: str | os.PathLike) -> str:
-    """Writes a slotjax model's weights in the official layout, as the official scripts' CheckpointManager does
-    (`network/layer_with_weights-0/...` and `global_step`, no optimizer state); returns the checkpoint prefix."""
+def write_tf_checkpoint(model, config: ml_collections.ConfigDict, step: int, directory: str | os.PathLike) -> str:
+    """Writes the weights of a slotjax model (of the task `config` names) in the official layout, as the official
+    scripts' CheckpointManager does (`network/layer_with_weights-0/...` and `global_step`, no optimizer state);
+    returns the checkpoint prefix."""
     import tensorflow as tf
 
-    from slotjax import convert
-
-    state_dict = convert.flax_to_torch(model)
-    num_decoder_layers = sum(name.startswith("decoder_cnn.") and name.endswith(".bias") for name in state_dict)
-    task = "discovery" if num_decoder_layers else "set_prediction"
+    state_dict = flax_to_torch(model)
     layer = tf.Module()
-    for name, (torch_name, rule) in _name_table(task, num_decoder_layers).items():
+    for name, (torch_name, rule) in _name_table(task_of(config), state_dict).items():
         node = layer
         *parents, leaf = name.split("/")
         for part in parents:
@@ -342,12 +310,3 @@ def write_tf_checkpoint(model, step: int, directory: str | os.PathLike) -> str:
     setattr(network, MODEL_PREFIX.split("/")[1], layer)
     checkpoint = tf.train.Checkpoint(network=network, global_step=tf.Variable(step, dtype=tf.int64))
     return tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
-
-
-def export_tf_checkpoint(workdir: str, directory: str | os.PathLike, step: int | None = None) -> str:
-    """A slotjax work directory's checkpoint (the latest, or `step`) -> the official TensorFlow layout in
-    `directory`, which the official code restores and this module reads back; returns the checkpoint prefix."""
-    from slotjax import convert
-
-    model, _, step = convert.restore_model(workdir, step)
-    return write_tf_checkpoint(model, step, directory)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 from torch import nn
@@ -167,50 +165,3 @@ class SetPredictor(nn.Module):
         slots, aux = self.encoder(images, **slot_attention_options)
         return {"predictions": torch.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}
 
-
-MODELS = {"SlotAutoencoder": SlotAutoencoder, "SetPredictor": SetPredictor}
-
-
-def load_model(path: str) -> nn.Module:
-    """A model from a weights file written by `save_model` or `python -m slotjax.convert` (safetensors, or .pt read
-    with weights_only=True): the file's metadata names the model and its constructor arguments. Damaged files and
-    altered tensors are refused (`slotjax.convert.ConversionError`)."""
-    from slotjax.convert import read_weights  # refuses damaged files, checks the tensors' checksum
-
-    arrays, metadata = read_weights(path)
-    state_dict = {name: torch.tensor(array) for name, array in arrays.items()}
-    if metadata.get("model") not in MODELS:
-        raise ValueError(
-            f"{path!r} does not say which model it holds (metadata 'model' is {metadata.get('model')!r}); "
-            "write it with torch_reference.save_model or `python -m slotjax.convert --workdir=RUN --output=FILE`."
-        )
-    model = MODELS[metadata["model"]](**json.loads(metadata["arguments"]))
-    model.load_state_dict(state_dict)
-    return model
-
-
-def save_model(model: nn.Module, path: str, step: int = 0) -> str:
-    """Writes a SlotAutoencoder or SetPredictor to `path` (.safetensors, or .pt), atomically, with its class name,
-    constructor arguments and training `step` as metadata: `load_model` reads it back, and
-    `python -m slotjax.convert --input=PATH --output=RUN_DIR` turns it into a slotjax training checkpoint."""
-    name = type(model).__name__
-    if name not in MODELS:
-        raise TypeError(f"save_model writes {' or '.join(MODELS)} models, not a {name}.")
-    from slotjax.convert import CHECKSUM_KEY, tensors_checksum  # the weights file format that slotjax.convert reads
-
-    state_dict = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-    metadata = {
-        "model": name,
-        "arguments": json.dumps(model.arguments),
-        "step": str(int(step)),
-        CHECKSUM_KEY: tensors_checksum({key: value.numpy() for key, value in state_dict.items()}),
-    }
-    temporary = f"{path}.tmp-{os.getpid()}"
-    if path.endswith((".pt", ".pth")):
-        torch.save({"state_dict": state_dict, "metadata": metadata}, temporary)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(state_dict, temporary, metadata=metadata)
-    os.replace(temporary, path)
-    return path
