@@ -1,4 +1,5 @@
-"""benchmarks/discovery_diagnostics.py on a tiny trained run: what it measures, and its refusal of other runs."""
+"""benchmarks/discovery_diagnostics.py on a tiny trained run: what it measures, and its refusal of other runs;
+benchmarks/convergence.py on runs that end early: what its summary shows and that it reports them, not fails."""
 
 import importlib.util
 import os
@@ -15,10 +16,11 @@ from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "discovery_diagnostics.py")
+CONVERGENCE = os.path.join(REPO, "benchmarks", "convergence.py")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("discovery_diagnostics", SCRIPT)
+def load_script(path: str = SCRIPT):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path).removesuffix(".py"), path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -75,3 +77,59 @@ def test_a_directory_without_checkpoints_is_one_error_line(tmp_path):
     result = run_script(str(tmp_path))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: No checkpoint in")
+
+
+def test_convergence_summary_leaves_the_minutes_past_a_stopped_run_empty():
+    convergence = load_script(CONVERGENCE)
+    rows = [{"minutes": 1.2, "fg_ari": 0.1}, {"minutes": 2.0, "fg_ari": 0.3}]
+    stopped = {"rows": rows, "minutes": 2.4, "finished": False}
+    cells = [convergence.summary_cell(stopped, "fg_ari", minutes) for minutes in (1, 2, 5, 15)]
+    assert cells == ["-", "0.300", "not reached", "not reached"]
+    finished = {**stopped, "finished": True}  # the trained model holds its last value
+    assert [convergence.summary_cell(finished, "fg_ari", minutes) for minutes in (1, 5, 15)] == ["-", "0.300", "0.300"]
+
+
+# Stands in for train.py: writes one training and one validation row, sleeps --sleep seconds, exits with --status.
+FAKE_TRAIN = """
+import json, os, sys, time
+flags = dict(argument[2:].split("=", 1) for argument in sys.argv[1:])
+os.makedirs(flags["workdir"])
+with open(os.path.join(flags["workdir"], "metrics.jsonl"), "w") as file:
+    for split, value in (("train", 0.1), ("validation", 0.5)):
+        file.write(json.dumps({"step": 2, "split": split, "wall_time": time.time(), "fg_ari": value}) + "\\n")
+time.sleep(float(flags["sleep"]))
+sys.exit(int(flags["status"]))
+"""
+
+
+@pytest.fixture
+def convergence_with_fake_train(tmp_path, monkeypatch):
+    (tmp_path / "train.py").write_text(FAKE_TRAIN)
+    convergence = load_script(CONVERGENCE)
+    monkeypatch.setattr(convergence, "REPO", str(tmp_path))
+    return convergence
+
+
+def test_convergence_reads_runs_that_finish_or_are_stopped(convergence_with_fake_train, tmp_path):
+    run = convergence_with_fake_train.run
+    finished = run("discovery", 0, 1.0, str(tmp_path / "finished"), ["--sleep=0", "--status=0"])
+    assert finished["finished"] and 0 < finished["minutes"] < 1.0
+    assert [(row["step"], row["fg_ari"]) for row in finished["rows"]] == [(2, 0.5)]  # validation only
+    stopped = run("discovery", 1, 0.1, str(tmp_path / "stopped"), ["--sleep=600", "--status=0"])
+    assert not stopped["finished"] and stopped["minutes"] == 0.1 and len(stopped["rows"]) == 1
+    with pytest.raises(SystemExit, match="train.py exited with status 3"):
+        run("discovery", 2, 1.0, str(tmp_path / "failed"), ["--sleep=0", "--status=3"])
+
+
+def test_convergence_reports_a_run_stopped_before_its_first_evaluation(tmp_path):
+    result = subprocess.run(
+        [sys.executable, CONVERGENCE, "--minutes=0.05", f"--workdir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "seed 0: no evaluation finished within 0.05 minutes" in result.stdout
+    assert "| 0 | not reached | not reached | not reached | - |" in result.stdout
+    assert (tmp_path / "convergence.json").exists() and (tmp_path / "convergence.png").exists()
