@@ -78,7 +78,11 @@ def check_images(images: jax.Array, resolution: int) -> None:
 
 
 class SlotEncoder(nnx.Module):
-    """CNN -> position embedding -> flatten -> LayerNorm -> MLP -> Slot Attention (shared by both models)."""
+    """CNN -> position embedding -> flatten -> LayerNorm -> MLP -> Slot Attention (shared by both models).
+
+    `slot_attention_variants` go to `SlotAttention` (implicit_gradients, learned_queries, num_heads,
+    attention_normalisation; docs/variants.md).
+    """
 
     def __init__(
         self,
@@ -91,6 +95,7 @@ class SlotEncoder(nnx.Module):
         mlp_hidden_size: int,
         *,
         rngs: nnx.Rngs,
+        **slot_attention_variants,
     ):
         self.resolution = resolution
         grid = resolution // math.prod(strides)
@@ -105,6 +110,7 @@ class SlotEncoder(nnx.Module):
             num_iterations=num_iterations,
             mlp_hidden_size=mlp_hidden_size,
             rngs=rngs,
+            **slot_attention_variants,
         )
 
     def tokens(self, images: jax.Array) -> jax.Array:
@@ -124,6 +130,9 @@ class SlotAutoencoder(nnx.Module):
 
     Returns a dict: reconstruction [B, H, W, 3], slot_reconstructions [B, K, H, W, 3],
     masks [B, K, H, W, 1] (softmax over slots), slots [B, K, D], attention [B, T, K, H*W].
+    implicit_gradients, learned_queries, num_heads and attention_normalisation select Slot Attention's
+    variants (docs/variants.md); call options (num_slots, num_iterations, initial_slots, key, query_noise) go to
+    it too.
     """
 
     def __init__(
@@ -138,6 +147,10 @@ class SlotAutoencoder(nnx.Module):
         broadcast_resolution: int = 8,
         remat_decoder: bool = False,
         *,
+        implicit_gradients: bool = False,
+        learned_queries: bool = False,
+        num_heads: int = 1,
+        attention_normalisation: str = "mean",
         rngs: nnx.Rngs,
     ):
         num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
@@ -150,7 +163,18 @@ class SlotAutoencoder(nnx.Module):
         self.broadcast_resolution = broadcast_resolution
         self.remat_decoder = remat_decoder  # recompute the decoder's activations (the largest) in the backward pass
         self.encoder = SlotEncoder(
-            resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size, rngs=rngs
+            resolution,
+            (1, 1, 1, 1),
+            encoder_features,
+            num_slots,
+            slot_size,
+            num_iterations,
+            mlp_hidden_size,
+            rngs=rngs,
+            implicit_gradients=implicit_gradients,
+            learned_queries=learned_queries,
+            num_heads=num_heads,
+            attention_normalisation=attention_normalisation,
         )
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, int(num_upsamples), rngs=rngs)
@@ -180,6 +204,7 @@ class SetPredictor(nnx.Module):
     """Set prediction: strided encoder, Slot Attention, per-slot MLP head with sigmoid.
 
     Returns a dict: predictions [B, K, 19] in [0, 1], slots [B, K, D], attention [B, T, K, N].
+    Slot Attention's variants and call options as in `SlotAutoencoder`.
     """
 
     def __init__(
@@ -192,13 +217,28 @@ class SetPredictor(nnx.Module):
         mlp_hidden_size: int = 128,
         head_hidden_size: int = 64,
         *,
+        implicit_gradients: bool = False,
+        learned_queries: bool = False,
+        num_heads: int = 1,
+        attention_normalisation: str = "mean",
         rngs: nnx.Rngs,
     ):
         strides = (1, 2, 2, 1)
         if resolution % math.prod(strides):
             raise ValueError(f"resolution {resolution} must be a multiple of 4 (the encoder downsamples by 4).")
         self.encoder = SlotEncoder(
-            resolution, strides, encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size, rngs=rngs
+            resolution,
+            strides,
+            encoder_features,
+            num_slots,
+            slot_size,
+            num_iterations,
+            mlp_hidden_size,
+            rngs=rngs,
+            implicit_gradients=implicit_gradients,
+            learned_queries=learned_queries,
+            num_heads=num_heads,
+            attention_normalisation=attention_normalisation,
         )
         self.mlp_classifier = MLP(slot_size, head_hidden_size, OBJECT_SIZE, rngs=rngs)
 

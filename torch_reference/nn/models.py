@@ -11,6 +11,8 @@ from torch_reference.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspo
 from torch_reference.nn.slot_attention import SlotAttention
 
 OBJECT_SIZE = 19  # values per object of the set-prediction target (docs/target_encoding.md)
+# Slot Attention's variants (docs/variants.md) at their settings that give Algorithm 1
+ALGORITHM_1 = dict(implicit_gradients=False, learned_queries=False, num_heads=1, attention_normalisation="mean")
 
 
 def build_grid(resolution: tuple[int, int]) -> torch.Tensor:
@@ -57,7 +59,17 @@ class DecoderCNN(nn.Module):
 
 
 class SlotEncoder(nn.Module):
-    def __init__(self, resolution, strides, encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size):
+    def __init__(
+        self,
+        resolution,
+        strides,
+        encoder_features,
+        num_slots,
+        slot_size,
+        num_iterations,
+        mlp_hidden_size,
+        **slot_attention_variants,
+    ):
         super().__init__()
         grid = resolution // math.prod(strides)
         self.encoder_cnn = EncoderCNN(encoder_features, strides)
@@ -70,6 +82,7 @@ class SlotEncoder(nn.Module):
             input_size=encoder_features,
             num_iterations=num_iterations,
             mlp_hidden_size=mlp_hidden_size,
+            **slot_attention_variants,
         )
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -95,8 +108,19 @@ class SlotAutoencoder(nn.Module):
         decoder_features=64,
         mlp_hidden_size=128,
         broadcast_resolution=8,
+        *,
+        implicit_gradients=False,
+        learned_queries=False,
+        num_heads=1,
+        attention_normalisation="mean",
     ):
         super().__init__()
+        variants = dict(
+            implicit_gradients=implicit_gradients,
+            learned_queries=learned_queries,
+            num_heads=num_heads,
+            attention_normalisation=attention_normalisation,
+        )
         self.arguments = dict(
             resolution=resolution,
             num_slots=num_slots,
@@ -106,10 +130,18 @@ class SlotAutoencoder(nn.Module):
             decoder_features=decoder_features,
             mlp_hidden_size=mlp_hidden_size,
             broadcast_resolution=broadcast_resolution,
-        )  # what `save_model` writes for `load_model`
+            **{name: value for name, value in variants.items() if value != ALGORITHM_1[name]},
+        )  # what `save_model` writes for `load_model` (variants only where they differ from Algorithm 1)
         self.broadcast_resolution = broadcast_resolution
         self.encoder = SlotEncoder(
-            resolution, (1, 1, 1, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size
+            resolution,
+            (1, 1, 1, 1),
+            encoder_features,
+            num_slots,
+            slot_size,
+            num_iterations,
+            mlp_hidden_size,
+            **variants,
         )
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2)
         num_upsamples = int(math.log2(resolution // broadcast_resolution))
@@ -145,8 +177,19 @@ class SetPredictor(nn.Module):
         encoder_features=64,
         mlp_hidden_size=128,
         head_hidden_size=64,
+        *,
+        implicit_gradients=False,
+        learned_queries=False,
+        num_heads=1,
+        attention_normalisation="mean",
     ):
         super().__init__()
+        variants = dict(
+            implicit_gradients=implicit_gradients,
+            learned_queries=learned_queries,
+            num_heads=num_heads,
+            attention_normalisation=attention_normalisation,
+        )
         self.arguments = dict(
             resolution=resolution,
             num_slots=num_slots,
@@ -155,13 +198,20 @@ class SetPredictor(nn.Module):
             encoder_features=encoder_features,
             mlp_hidden_size=mlp_hidden_size,
             head_hidden_size=head_hidden_size,
-        )  # what `save_model` writes for `load_model`
+            **{name: value for name, value in variants.items() if value != ALGORITHM_1[name]},
+        )  # what `save_model` writes for `load_model` (variants only where they differ from Algorithm 1)
         self.encoder = SlotEncoder(
-            resolution, (1, 2, 2, 1), encoder_features, num_slots, slot_size, num_iterations, mlp_hidden_size
+            resolution,
+            (1, 2, 2, 1),
+            encoder_features,
+            num_slots,
+            slot_size,
+            num_iterations,
+            mlp_hidden_size,
+            **variants,
         )
         self.mlp_classifier = MLP(slot_size, head_hidden_size, OBJECT_SIZE)
 
     def forward(self, images: torch.Tensor, **slot_attention_options) -> dict[str, torch.Tensor]:
         slots, aux = self.encoder(images, **slot_attention_options)
         return {"predictions": torch.sigmoid(self.mlp_classifier(slots)), "slots": slots, "attention": aux["attention"]}
-

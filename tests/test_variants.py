@@ -1,0 +1,228 @@
+"""Slot Attention's variants (docs/variants.md): their neutral settings are Algorithm 1 bit for bit, and each
+variant computes what its paper says (values, gradients, bad settings refused)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import slotjax
+from slotjax import kernels
+from slotjax.nn.slot_attention import attend_heads, query_noise_schedule
+
+SIZES = dict(input_size=8, mlp_hidden_size=16)  # slot_size 16, 4 slots, 3 iterations
+
+
+def make(seed: int = 0, num_slots: int = 4, **variants) -> slotjax.SlotAttention:
+    return slotjax.SlotAttention(num_slots, 16, **SIZES, **variants, rngs=nnx.Rngs(seed))
+
+
+def copy_weights(source: nnx.Module, target: nnx.Module) -> nnx.Module:
+    """Every parameter the two modules share, by path, from `source` into `target`."""
+    source_params = dict(nnx.to_flat_state(nnx.state(source, nnx.Param)))
+    for path, param in nnx.to_flat_state(nnx.state(target, nnx.Param)):
+        if path in source_params:
+            param[...] = source_params[path][...]
+    return target
+
+
+def inputs_and_slots(seed: int, batch: int = 2, num_slots: int = 4):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    inputs = jax.random.normal(keys[0], (batch, 12, 8))
+    initial_slots = jax.random.normal(keys[1], (batch, num_slots, 16))
+    cotangent = jax.random.normal(keys[2], (batch, num_slots, 16))
+    return inputs, initial_slots, cotangent
+
+
+def textbook_algorithm_1(module, inputs, slots, num_iterations):
+    """Algorithm 1 written out on the module's layers (reference kernel forms): slots, attention [B, T, K, N]."""
+    inputs = module.norm_inputs(inputs)
+    k, v = module.project_k(inputs), module.project_v(inputs)
+    maps = []
+    for _ in range(num_iterations):
+        slots_prev = slots
+        q = module.project_q(module.norm_slots(slots)) * module.slot_size**-0.5
+        attention = jax.nn.softmax(jnp.einsum("bnd,bkd->bkn", k, q), axis=1)
+        weights = attention + module.attention_epsilon
+        weights = weights / jnp.sum(weights, axis=2, keepdims=True)
+        slots = module.gru(jnp.einsum("bkn,bnd->bkd", weights, v), slots_prev)
+        slots = slots + module.mlp(module.norm_mlp(slots))
+        maps.append(attention)
+    return slots, jnp.stack(maps, axis=1)
+
+
+def parameter_grads(function, module, *arguments) -> dict:
+    """{path: gradient} of `function(module, *arguments)` w.r.t. the module's parameters."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    grads = jax.grad(lambda p: function(nnx.merge(graphdef, p, rest, copy=True), *arguments))(params)
+    return {path: np.asarray(value[...]) for path, value in nnx.to_flat_state(grads)}
+
+
+def assert_bitwise(got, expected):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_default_and_neutral_settings_are_algorithm_1_bit_for_bit():
+    default = make(0)
+    neutral = copy_weights(
+        default,
+        make(1, implicit_gradients=False, learned_queries=False, num_heads=1, attention_normalisation="mean"),
+    )
+    inputs, initial_slots, cotangent = inputs_and_slots(0)
+
+    def loss(module, function):
+        return jnp.sum(function(module)[0] * cotangent)
+
+    def of_module(module):
+        return module(inputs, initial_slots=initial_slots, return_attention=True)
+
+    def of_textbook(module):
+        slots, attention = textbook_algorithm_1(module, inputs, initial_slots, 3)
+        return slots, {"attention": attention}
+
+    with kernels.use_forms("reference"):
+        expected_slots, expected_aux = of_textbook(default)
+        expected_grads = parameter_grads(loss, default, of_textbook)
+        for module in (default, neutral):
+            slots, aux = of_module(module)
+            assert_bitwise(slots, expected_slots)
+            assert_bitwise(aux["attention"], expected_aux["attention"])
+            grads = parameter_grads(loss, module, of_module)
+            assert grads.keys() == expected_grads.keys()
+            for path in grads:
+                assert_bitwise(grads[path], expected_grads[path])
+
+
+def test_implicit_gradients_value_is_one_more_iteration_and_gradient_the_last_one_alone():
+    paper = make(0)
+    implicit = copy_weights(paper, make(1, implicit_gradients=True))
+    inputs, _, cotangent = inputs_and_slots(1)
+    key = jax.random.key(2)
+
+    slots, aux = implicit(inputs, key=key, return_attention=True)
+    expected_slots, expected_aux = paper(inputs, key=key, num_iterations=4, return_attention=True)
+    assert aux["attention"].shape == (2, 4, 4, 12)  # T + 1 maps
+    assert_bitwise(slots, expected_slots)
+    assert_bitwise(aux["attention"], expected_aux["attention"])
+
+    # the gradient is that of one iteration from the slots after T, held fixed; none reaches mu and log_sigma
+    fixed_point = paper(inputs, key=key)
+    grads = parameter_grads(lambda m: jnp.sum(m(inputs, key=key) * cotangent), implicit)
+    last_step = parameter_grads(
+        lambda m: jnp.sum(m(inputs, initial_slots=fixed_point, num_iterations=1) * cotangent), paper
+    )
+    paper_grads = parameter_grads(lambda m: jnp.sum(m(inputs, key=key, num_iterations=4) * cotangent), paper)
+    for name in ("slots_mu", "slots_log_sigma"):
+        assert not np.any(grads[(name,)]) and np.any(paper_grads[(name,)])
+    for path in last_step:
+        np.testing.assert_allclose(grads[path], last_step[path], rtol=1e-5, atol=1e-6 * np.abs(last_step[path]).max())
+    assert not np.allclose(grads[("project_q", "kernel")], paper_grads[("project_q", "kernel")], rtol=1e-2)
+
+
+def test_learned_queries_value_and_straight_through_gradient():
+    module = make(0, learned_queries=True)
+    paper = copy_weights(module, make(1))
+    limit = np.sqrt(6 / (4 + 16))  # glorot-uniform over [K, D]
+    queries = np.asarray(module.slots_queries[...])
+    assert queries.shape == (1, 4, 16) and 0.8 * limit < np.abs(queries).max() <= limit
+    assert not hasattr(module, "slots_mu")
+    inputs, _, cotangent = inputs_and_slots(3)
+    initial = jnp.broadcast_to(module.slots_queries[...], (2, 4, 16))
+
+    slots, aux = module(inputs, return_attention=True)
+    assert_bitwise(aux["initial_slots"], initial)
+    assert_bitwise(slots, paper(inputs, initial_slots=initial))
+
+    # the queries get the gradient of the last iteration's input slots, summed over the batch
+    before_last = paper(inputs, initial_slots=initial, num_iterations=2)
+    grads = parameter_grads(lambda m: jnp.sum(m(inputs) * cotangent), module)
+    slots_grad = jax.grad(lambda s: jnp.sum(paper(inputs, initial_slots=s, num_iterations=1) * cotangent))(before_last)
+    np.testing.assert_allclose(grads[("slots_queries",)], slots_grad.sum(0, keepdims=True), rtol=1e-5, atol=1e-7)
+
+
+def test_learned_queries_noise_and_fixed_number_of_slots():
+    module = make(0, learned_queries=True)
+    inputs = jnp.zeros((4000, 3, 8))
+    queries = np.asarray(module.slots_queries[...])[0]
+    _, aux = module(inputs, key=jax.random.key(1), query_noise=0.5, num_iterations=1, return_attention=True)
+    initial = np.asarray(aux["initial_slots"])  # Q + 0.5 * eps * Q
+    np.testing.assert_allclose(initial.mean(0), queries, atol=0.05 * np.abs(queries).max())
+    np.testing.assert_allclose(initial.std(0), 0.5 * np.abs(queries), rtol=0.1, atol=1e-3)
+    # the noise's scale is held fixed: d/dQ of sum(S0 * c) is sum_b c, whatever the noise
+    cotangent = jax.random.normal(jax.random.key(2), (3, 4, 16))
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def initial_slots(params, query_noise):
+        return nnx.merge(graphdef, params, rest, copy=True).sample_initial_slots(3, 4, jax.random.key(3), query_noise)
+
+    query_grad = jax.grad(lambda p: jnp.sum(initial_slots(p, 0.7) * cotangent))(params)["slots_queries"][...]
+    np.testing.assert_allclose(query_grad[0], cotangent.sum(0), rtol=1e-6)
+    assert not np.allclose(initial_slots(params, 0.7), initial_slots(params, 0.0))
+    # a traced noise scale (annealed by the trainer) compiles once
+    traced = nnx.jit(lambda m, noise: m(jnp.ones((2, 3, 8)), key=jax.random.key(4), query_noise=noise))
+    assert traced(module, jnp.float32(0.3)).shape == (2, 4, 16)
+
+    assert module(inputs[:2], num_slots=4).shape == (2, 4, 16)
+    with pytest.raises(ValueError, match="num_slots=5 but this module learns 4 queries"):
+        module(inputs[:2], num_slots=5)
+    with pytest.raises(ValueError, match="query_noise perturbs learned queries"):
+        make(0)(inputs[:2], query_noise=0.1)
+
+
+def test_query_noise_schedule():
+    values = [float(query_noise_schedule(step, 100)) for step in (0, 25, 50, 100, 250)]
+    np.testing.assert_allclose(values, [1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5, 0.0, 0.0], atol=1e-6)
+    assert float(query_noise_schedule(0, 0)) == 0.0
+    assert float(jax.jit(query_noise_schedule, static_argnums=1)(jnp.int32(50), 100)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="anneal_steps must be an integer >= 0"):
+        query_noise_schedule(0, -1)
+
+
+def test_heads_attend_each_head_apart():
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(keys, [(2, 3, 12), (2, 7, 12), (2, 7, 12)]))
+    attend = slotjax.SlotAttention.attend
+    attention, updates = attend_heads(attend, q, k, v, 1e-8, 3)
+    per_head = [attend(*(x[..., 4 * head : 4 * head + 4] for x in (q, k, v)), 1e-8) for head in range(3)]
+    np.testing.assert_allclose(attention, np.mean([a for a, _ in per_head], axis=0), rtol=1e-6)
+    np.testing.assert_allclose(updates, np.concatenate([u for _, u in per_head], axis=-1), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "variants",
+    [dict(num_heads=4), dict(attention_normalisation="scaled_sum"), dict(num_heads=2, implicit_gradients=True)],
+)
+def test_variants_give_the_same_slots_in_both_kernel_forms(variants):
+    module = make(0, **variants)
+    inputs = jax.random.normal(jax.random.key(0), (2, 10, 8))
+    with kernels.use_forms("cpu"):
+        cpu_slots, cpu_aux = module(inputs, key=jax.random.key(1), return_attention=True)
+    with kernels.use_forms("reference"):
+        slots, aux = module(inputs, key=jax.random.key(1), return_attention=True)
+    np.testing.assert_allclose(cpu_slots, slots, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(aux["attention"].sum(axis=2), 1.0, rtol=1e-5)  # softmax over the slots
+    assert not np.allclose(slots, make(0)(inputs, key=jax.random.key(1)), atol=1e-4)  # the variant changes them
+
+
+def test_bad_variant_settings_are_refused():
+    with pytest.raises(ValueError, match="slot_size 16 does not split into num_heads=3 heads"):
+        make(num_heads=3)
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1, got 0"):
+        make(num_heads=0)
+    with pytest.raises(ValueError, match="attention_normalisation='sum' is unknown; use one of 'mean', 'scaled_sum'"):
+        make(attention_normalisation="sum")
+
+
+def test_models_pass_the_variants_through():
+    options = dict(resolution=16, num_slots=3, slot_size=8, encoder_features=8, decoder_features=8, mlp_hidden_size=8)
+    variants = dict(implicit_gradients=True, learned_queries=True, num_heads=2, attention_normalisation="scaled_sum")
+    model = slotjax.SlotAutoencoder(**options, **variants, rngs=nnx.Rngs(0))
+    slot_attention = model.encoder.slot_attention
+    assert {name: getattr(slot_attention, name) for name in variants} == variants
+    outputs = model(jnp.zeros((1, 16, 16, 3)))
+    assert outputs["attention"].shape == (1, 4, 3, 256)
+    predictor = slotjax.SetPredictor(
+        resolution=16, num_slots=3, slot_size=8, encoder_features=8, num_heads=4, rngs=nnx.Rngs(0)
+    )
+    assert predictor.encoder.slot_attention.num_heads == 4
