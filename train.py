@@ -17,6 +17,9 @@ import signal
 import sys
 
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
+# Set before anything imports TensorFlow (data, TensorBoard) or starts XLA: their C++ logs below errors, such as the
+# start-up notices on CPU features and devices, stay hidden. TF_CPP_MIN_LOG_LEVEL=0 shows them all.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def restart_with_huge_pages() -> None:
@@ -76,5 +79,4 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) taking 
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (default: from the cluster).")
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow (data, TensorBoard) is quiet unless it errs
     app.run(cli.main, flags_parser=cli.parse_flags)

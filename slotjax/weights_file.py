@@ -49,9 +49,10 @@ def write(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], metadat
         tensors = {name: torch.tensor(value) for name, value in state_dict.items()}
         torch.save({"state_dict": tensors, "metadata": metadata}, temporary)
     else:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        save_file(state_dict, temporary, metadata=metadata)
+        with open(temporary, "wb") as file:  # open's mode, 0666 less the umask (safetensors' save_file makes 0600)
+            file.write(save(state_dict, metadata=metadata))
     os.replace(temporary, path)
 
 
