@@ -142,22 +142,29 @@ def checkpoint_to_weights(workdir: str, output: str, step: int | None = None) ->
     return save_model_weights(*restore_model(workdir, step), output)
 
 
-def weights_to_checkpoint(weights: str, workdir: str) -> str:
-    """Torch-layout weights file (made by `checkpoint_to_weights` or `torch_reference.save_model`) -> a training
-    checkpoint in `workdir`, from which `train.py --workdir` evaluates or continues training."""
+def restore_weights(weights: str):
+    """(model, config, step) of a torch-layout weights file (made by `checkpoint_to_weights` or
+    `torch_reference.save_model`)."""
     from slotjax.train.step import build_model
 
-    metadata = load_metadata(weights)
+    state_dict, metadata = weights_file.read(weights)
     config = config_from_metadata(metadata, weights)
     try:
         model = build_model(config)
     except (AttributeError, KeyError, TypeError, ValueError) as error:  # a damaged config
         raise ConversionError(f"{weights!r} describes a model slotjax cannot build: {error}") from error
-    model = torch_to_flax(load_weights(weights), model)
+    model = torch_to_flax(state_dict, model)
     step = metadata.get("step", "0")
     if not step.isdigit():
         raise ConversionError(f"{weights!r} holds damaged metadata: its step {step!r} is no integer >= 0.")
-    return write_checkpoint(model, config, int(step), workdir)
+    return model, config, int(step)
+
+
+def weights_to_checkpoint(weights: str, workdir: str) -> str:
+    """Torch-layout weights file (made by `checkpoint_to_weights` or `torch_reference.save_model`) -> a training
+    checkpoint in `workdir`, from which `train.py --workdir` evaluates or continues training."""
+    model, config, step = restore_weights(weights)
+    return write_checkpoint(model, config, step, workdir)
 
 
 def config_from_metadata(metadata: Mapping[str, str], weights: str) -> ml_collections.ConfigDict:
