@@ -96,7 +96,6 @@ try:
 except RuntimeError:  # TF already initialised its devices elsewhere
     pass
 
-CLEVR_CROP = (slice(29, 221), slice(64, 256))  # rows, columns
 # TFDS clevr feature name -> the one-hot order of the set prediction target.
 TARGET_PROPERTIES = (("size", SIZES), ("material", MATERIALS), ("shape", SHAPES), ("color", COLOURS))
 _CLEVR_TEST_HAS_NO_OBJECTS = "CLEVR's test split has no object annotations; use 'validation' for set prediction."
@@ -290,13 +289,13 @@ def _preprocess(image: tf.Tensor, segmentation: tf.Tensor | None, crop: bool, re
     """Uint8 image [H, W, 3] (and int32 ids [H, W, 1]) -> model inputs at `resolution` (module docstring)."""
     image = (tf.cast(image, tf.float32) / 255.0 - 0.5) * 2.0
     if crop:
-        image = image[CLEVR_CROP]
+        image = image[files.CLEVR_CROP]
     size = (resolution, resolution)
     image = tf.image.resize(image, size, method="bilinear", antialias=False)
     features = {"image": tf.clip_by_value(image, -1.0, 1.0)}
     if segmentation is not None:
         if crop:
-            segmentation = segmentation[CLEVR_CROP]
+            segmentation = segmentation[files.CLEVR_CROP]
         features["segmentation"] = tf.image.resize(segmentation, size, method="nearest")[..., 0]
     return features
 

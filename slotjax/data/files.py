@@ -20,6 +20,7 @@ import zlib
 DATASETS = ("clevr", "clevr_with_masks", "multi_dsprites", "tetrominoes", "objects_room")
 SPLITS = ("train", "train_eval", "validation", "test")
 CLEVR6_MAX_OBJECTS = 6  # the paper's CLEVR6: CLEVR scenes with at most 6 objects
+CLEVR_CROP = (slice(29, 221), slice(64, 256))  # rows, columns: the official crop of discovery's images
 
 CLEVR_TFDS_NAME = "clevr:3.1.0"
 CLEVR_PAGE = "https://cs.stanford.edu/people/jcjohns/clevr/"
