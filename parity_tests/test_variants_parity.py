@@ -102,13 +102,20 @@ def test_variant_matches_torch(variant, seed):
     assert_grads_close(jax_grads, torch_param_grads(torch_module))
 
 
-MODEL_VARIANTS = dict(implicit_gradients=True, learned_queries=True, num_heads=2, attention_normalisation="scaled_sum")
+MODEL_VARIANTS = dict(
+    implicit_gradients=True,
+    learned_queries=True,
+    num_heads=2,
+    attention_normalisation="scaled_sum",
+    adaptive_slots=True,
+)
 MODEL_OPTIONS = dict(resolution=16, num_slots=3, slot_size=8, encoder_features=8, decoder_features=8, mlp_hidden_size=8)
+CHANNELS_FIRST = ("reconstruction", "slot_reconstructions", "masks")  # torch's outputs [..., C, H, W]
 
 
 def test_variant_model_round_trips_and_matches_torch(tmp_path, seed=0):
-    """Weights convert bit for bit both ways (learned queries keep their name and layout); every output agrees;
-    torch_reference's save_model writes the variants, and load_model builds them again."""
+    """Weights convert bit for bit both ways (learned queries keep their name and layout); every output agrees
+    (keep decisions by argmax); torch_reference's save_model writes the variants, and load_model builds them."""
     model = slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS, rngs=nnx.Rngs(seed))
     reference = torch_reference.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS)
     weights = flax_to_torch(model)
@@ -123,14 +130,43 @@ def test_variant_model_round_trips_and_matches_torch(tmp_path, seed=0):
         np.testing.assert_array_equal(returned[name], weights[name], err_msg=name)
 
     images = np.random.default_rng(seed).uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
-    outputs = model(jnp.asarray(images))
+    outputs = model(jnp.asarray(images), deterministic=True)
     loaded = torch_reference.load_model(torch_reference.save_model(reference, str(tmp_path / "model.safetensors")))
     with torch.no_grad():
-        expected = loaded(to_torch(images).permute(0, 3, 1, 2))
+        expected = loaded(to_torch(images).permute(0, 3, 1, 2), deterministic=True)
     assert outputs.keys() == expected.keys()
     for key, value in expected.items():
-        value = as_numpy(value.movedim(-3, -1)) if key in ("reconstruction", "slot_reconstructions", "masks") else value
+        value = as_numpy(value.movedim(-3, -1)) if key in CHANNELS_FIRST else value
         assert_close(outputs[key], value, FORWARD_TOLERANCE, key)
+
+
+def test_variant_model_gradients_match_torch(seed=1):
+    """Every variant at once, keep decisions sampled with the same Gumbel noise: outputs, and the gradients of the
+    reconstruction error plus the mean keep decision (AdaSlot's loss, straight through the decisions)."""
+    model = slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS, rngs=nnx.Rngs(seed))
+    reference = torch_reference.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS)
+    reference.load_state_dict({name: torch.from_numpy(value) for name, value in flax_to_torch(model).items()})
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+    noise = rng.gumbel(size=(2, 3, 2)).astype(np.float32)
+    noise[:, 1, 0] += 30.0  # slot 1 dropped, whatever its logits
+
+    def loss_fn(model, images):
+        outputs = model(images, gumbel_noise=jnp.asarray(noise))
+        return jnp.mean((outputs["reconstruction"] - images) ** 2) + jnp.mean(outputs["keep"])
+
+    loss, jax_grads, (image_grad,) = jax_value_and_grads(model, loss_fn, jnp.asarray(images))
+    torch_images = to_torch(images, requires_grad=True)
+    outputs = reference(torch_images.permute(0, 3, 1, 2), gumbel_noise=to_torch(noise))
+    reconstruction = outputs["reconstruction"].permute(0, 2, 3, 1)
+    torch_loss = ((reconstruction - torch_images) ** 2).mean() + outputs["keep"].mean()
+    torch_loss.backward()
+    keep = model(jnp.asarray(images), gumbel_noise=jnp.asarray(noise))["keep"]
+    np.testing.assert_array_equal(keep, as_numpy(outputs["keep"]))
+    assert 0 < keep.sum() < keep.size  # slots kept and slots dropped
+    assert_close(loss, torch_loss, FORWARD_TOLERANCE, "loss")
+    assert_close(image_grad, torch_images.grad, GRADIENT_TOLERANCE, "gradient of images")
+    assert_grads_close(jax_grads, torch_param_grads(reference))
 
 
 def test_query_noise_schedules_agree():

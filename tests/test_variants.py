@@ -226,3 +226,52 @@ def test_models_pass_the_variants_through():
         resolution=16, num_slots=3, slot_size=8, encoder_features=8, num_heads=4, rngs=nnx.Rngs(0)
     )
     assert predictor.encoder.slot_attention.num_heads == 4
+
+
+ADAPTIVE = dict(resolution=16, num_slots=4, slot_size=8, encoder_features=8, decoder_features=8, mlp_hidden_size=8)
+
+
+def test_adaptive_slots_keep_and_drop():
+    model = slotjax.SlotAutoencoder(**ADAPTIVE, adaptive_slots=True, rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (3, 16, 16, 3), minval=-1, maxval=1)
+    # noise forcing the decisions: slots 0 and 2 kept, 1 and 3 dropped, in every image
+    forced = jnp.asarray([[0.0, 100.0], [100.0, 0.0], [0.0, 100.0], [100.0, 0.0]])
+    outputs = model(images, key=jax.random.key(1), gumbel_noise=jnp.broadcast_to(forced, (3, 4, 2)))
+    assert_bitwise(outputs["keep"], jnp.broadcast_to(jnp.asarray([1.0, 0.0, 1.0, 0.0]), (3, 4)))
+    masks = np.asarray(outputs["masks"])[..., 0]  # [B, K, H, W]
+    assert not masks[:, [1, 3]].any()  # a dropped slot never wins a pixel
+    assert set(np.unique(masks.argmax(axis=1))) <= {0, 2}
+    np.testing.assert_allclose(masks.sum(axis=1), 1.0, atol=1e-4)  # renormalised over the kept slots
+    np.testing.assert_allclose(
+        outputs["reconstruction"], jnp.sum(outputs["slot_reconstructions"] * outputs["masks"], axis=1), rtol=1e-6
+    )
+    # all kept: the paper's masks, up to the 1e-5 of the renormalisation
+    plain = copy_weights(model, slotjax.SlotAutoencoder(**ADAPTIVE, rngs=nnx.Rngs(1)))
+    kept = model(images, key=jax.random.key(1), gumbel_noise=jnp.broadcast_to(forced[0], (3, 4, 2)))
+    np.testing.assert_allclose(kept["masks"], plain(images, key=jax.random.key(1))["masks"], rtol=2e-5, atol=1e-7)
+
+    # evaluation: the more likely choice, no noise; training: Gumbel samples, the same for the same key
+    logits = model.keep_predictor.mlp(model.keep_predictor.norm(outputs["slots"]))
+    assert_bitwise(model(images, key=jax.random.key(1), deterministic=True)["keep"], logits[..., 1] > logits[..., 0])
+    assert_bitwise(model(images, key=jax.random.key(2))["keep"], model(images, key=jax.random.key(2))["keep"])
+    with pytest.raises(ValueError, match="gumbel_noise samples the adaptive slots' keep decisions"):
+        plain(images, gumbel_noise=jnp.zeros((3, 4, 2)))
+    assert "keep" not in plain(images)
+
+
+def test_adaptive_slots_gradient_is_straight_through():
+    """d keep / d logits is that of the soft Gumbel sample; the deterministic decision has none."""
+    model = slotjax.SlotAutoencoder(**ADAPTIVE, adaptive_slots=True, rngs=nnx.Rngs(0))
+    slots = jax.random.normal(jax.random.key(0), (2, 4, 8))
+    noise = jax.random.gumbel(jax.random.key(1), (2, 4, 2))
+    predictor = model.keep_predictor
+
+    def output_bias_grad(gumbel_noise):  # the bias of the (drop, keep) logits
+        grads = parameter_grads(lambda m: jnp.sum(m(slots, gumbel_noise)), predictor)
+        return grads[("mlp", "output", "bias")]
+
+    logits = predictor.mlp(predictor.norm(slots)) + noise
+    soft = jax.nn.softmax(logits, axis=-1)[..., 1]
+    expected = jnp.sum(soft * (1 - soft))  # d soft_keep / d (logit_keep - logit_drop), summed
+    np.testing.assert_allclose(output_bias_grad(noise), [-expected, expected], rtol=1e-5)
+    assert not np.any(output_bias_grad(None))

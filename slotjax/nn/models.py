@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from slotjax.data.encoding import OBJECT_SIZE
+from slotjax.nn.adaptive_slots import KeepPredictor, drop_slots
 from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense, layer_norm
 from slotjax.nn.slot_attention import SlotAttention
 
@@ -133,6 +134,10 @@ class SlotAutoencoder(nnx.Module):
     implicit_gradients, learned_queries, num_heads and attention_normalisation select Slot Attention's
     variants (docs/variants.md); call options (num_slots, num_iterations, initial_slots, key, query_noise) go to
     it too.
+
+    adaptive_slots (AdaSlot): each slot is kept or dropped, and dropped slots get no share of the masks; the
+    outputs add keep [B, K] (1 kept, 0 dropped). The decision is a Gumbel sample in training (noise drawn from
+    `key`, or the `gumbel_noise` [B, K, 2] given), the more likely choice with `deterministic=True` (evaluation).
     """
 
     def __init__(
@@ -151,6 +156,7 @@ class SlotAutoencoder(nnx.Module):
         learned_queries: bool = False,
         num_heads: int = 1,
         attention_normalisation: str = "mean",
+        adaptive_slots: bool = False,
         rngs: nnx.Rngs,
     ):
         num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
@@ -178,8 +184,24 @@ class SlotAutoencoder(nnx.Module):
         )
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, int(num_upsamples), rngs=rngs)
+        self.adaptive_slots = bool(adaptive_slots)
+        if adaptive_slots:
+            self.keep_predictor = KeepPredictor(slot_size, rngs=rngs)
+            self.gumbel = nnx.Rngs(gumbel=rngs.params())  # the Gumbel noise of calls without a key
 
-    def __call__(self, images: jax.Array, **slot_attention_options) -> dict[str, jax.Array]:
+    def __call__(
+        self,
+        images: jax.Array,
+        *,
+        deterministic: bool = False,
+        gumbel_noise: jax.Array | None = None,
+        **slot_attention_options,
+    ) -> dict[str, jax.Array]:
+        if gumbel_noise is not None and (deterministic or not self.adaptive_slots):
+            raise ValueError(
+                "gumbel_noise samples the adaptive slots' keep decisions, which this call does not sample: "
+                "build the model with adaptive_slots=True and leave deterministic False, or leave gumbel_noise out."
+            )
         slots, aux = self.encoder(images, **slot_attention_options)
         batch_size, num_slots, slot_size = slots.shape
         size = self.broadcast_resolution
@@ -191,12 +213,21 @@ class SlotAutoencoder(nnx.Module):
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
         slot_reconstructions, alpha_logits = decoded[..., :3].astype(jnp.float32), decoded[..., 3:]
         masks = jax.nn.softmax(alpha_logits.astype(jnp.float32), axis=1)
+        outputs = {}
+        if self.adaptive_slots:
+            if not deterministic and gumbel_noise is None:  # one key draws the initial slots, one the noise
+                key = slot_attention_options.get("key")
+                key = self.gumbel.gumbel() if key is None else jax.random.fold_in(key, 1)
+                gumbel_noise = jax.random.gumbel(key, (batch_size, num_slots, 2))
+            outputs["keep"] = self.keep_predictor(slots, None if deterministic else gumbel_noise)  # [B, K]
+            masks = drop_slots(masks, outputs["keep"])
         return {
             "reconstruction": jnp.sum(slot_reconstructions * masks, axis=1),
             "slot_reconstructions": slot_reconstructions,
             "masks": masks,
             "slots": slots,
             "attention": aux["attention"],
+            **outputs,
         }
 
 

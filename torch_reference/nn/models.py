@@ -7,12 +7,20 @@ import math
 import torch
 from torch import nn
 
+from torch_reference.nn.adaptive_slots import KeepPredictor, drop_slots, sample_gumbel
 from torch_reference.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense
 from torch_reference.nn.slot_attention import SlotAttention
 
 OBJECT_SIZE = 19  # values per object of the set-prediction target (docs/target_encoding.md)
-# Slot Attention's variants (docs/variants.md) at their settings that give Algorithm 1
-ALGORITHM_1 = dict(implicit_gradients=False, learned_queries=False, num_heads=1, attention_normalisation="mean")
+# The variants (docs/variants.md) at their settings that give the paper's models
+PAPER = dict(
+    implicit_gradients=False, learned_queries=False, num_heads=1, attention_normalisation="mean", adaptive_slots=False
+)
+
+
+def paper_differences(variants: dict, **model_variants) -> dict:
+    """The variants whose settings differ from the paper's (what `arguments` records)."""
+    return {name: value for name, value in {**variants, **model_variants}.items() if value != PAPER[name]}
 
 
 def build_grid(resolution: tuple[int, int]) -> torch.Tensor:
@@ -113,6 +121,7 @@ class SlotAutoencoder(nn.Module):
         learned_queries=False,
         num_heads=1,
         attention_normalisation="mean",
+        adaptive_slots=False,
     ):
         super().__init__()
         variants = dict(
@@ -130,8 +139,8 @@ class SlotAutoencoder(nn.Module):
             decoder_features=decoder_features,
             mlp_hidden_size=mlp_hidden_size,
             broadcast_resolution=broadcast_resolution,
-            **{name: value for name, value in variants.items() if value != ALGORITHM_1[name]},
-        )  # what `save_model` writes for `load_model` (variants only where they differ from Algorithm 1)
+            **paper_differences(variants, adaptive_slots=adaptive_slots),
+        )  # what `save_model` writes for `load_model` (variants only where they differ from the paper)
         self.broadcast_resolution = broadcast_resolution
         self.encoder = SlotEncoder(
             resolution,
@@ -146,8 +155,13 @@ class SlotAutoencoder(nn.Module):
         self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2)
         num_upsamples = int(math.log2(resolution // broadcast_resolution))
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, num_upsamples)
+        self.adaptive_slots = adaptive_slots
+        if adaptive_slots:
+            self.keep_predictor = KeepPredictor(slot_size)
 
-    def forward(self, images: torch.Tensor, **slot_attention_options) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, *, deterministic=False, gumbel_noise=None, **slot_attention_options
+    ) -> dict[str, torch.Tensor]:
         slots, aux = self.encoder(images, **slot_attention_options)
         batch_size, num_slots, slot_size = slots.shape
         size = self.broadcast_resolution
@@ -156,12 +170,20 @@ class SlotAutoencoder(nn.Module):
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
         slot_reconstructions, alpha_logits = decoded[:, :, :3], decoded[:, :, 3:]
         masks = torch.softmax(alpha_logits, dim=1)
+        outputs = {}
+        if self.adaptive_slots:
+            if not deterministic and gumbel_noise is None:
+                generator = slot_attention_options.get("generator")
+                gumbel_noise = sample_gumbel((batch_size, num_slots, 2), generator, images.device)
+            outputs["keep"] = self.keep_predictor(slots, None if deterministic else gumbel_noise)
+            masks = drop_slots(masks, outputs["keep"])
         return {
             "reconstruction": (slot_reconstructions * masks).sum(dim=1),
             "slot_reconstructions": slot_reconstructions,
             "masks": masks,
             "slots": slots,
             "attention": aux["attention"],
+            **outputs,
         }
 
 
@@ -198,8 +220,8 @@ class SetPredictor(nn.Module):
             encoder_features=encoder_features,
             mlp_hidden_size=mlp_hidden_size,
             head_hidden_size=head_hidden_size,
-            **{name: value for name, value in variants.items() if value != ALGORITHM_1[name]},
-        )  # what `save_model` writes for `load_model` (variants only where they differ from Algorithm 1)
+            **paper_differences(variants),
+        )  # what `save_model` writes for `load_model` (variants only where they differ from the paper)
         self.encoder = SlotEncoder(
             resolution,
             (1, 2, 2, 1),
