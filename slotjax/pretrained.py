@@ -56,22 +56,24 @@ def load(
             f"No model at {path!r}: give a training work directory, a weights file (.safetensors, .pt) or a "
             "TensorFlow checkpoint."
         )
-    if is_weights_file(path) or not os.path.isdir(os.path.join(path, "checkpoints")):
+    if os.path.isdir(os.path.join(path, "checkpoints")) and not is_weights_file(path):
+        model, config, _ = convert.restore_model(path, step, print_fn)
+    elif is_weights_file(path) or _is_tf_checkpoint(path):
         if step is not None:
-            raise ValueError(f"step={step} chooses a checkpoint of a work directory; {path!r} holds one model.")
+            raise ValueError(
+                f"step={step} chooses a checkpoint of a work directory, but {path!r} holds one model: leave step out."
+            )
         if is_weights_file(path):
             model, config, _ = convert.restore_weights(path)
-        elif _is_tf_checkpoint(path):
+        else:
             from slotjax import tf_checkpoint
 
             model, config = tf_checkpoint.load_tf_model(path)
-        else:
-            raise ValueError(
-                f"{path!r} is no work directory (it holds no checkpoints/), no weights file (.safetensors, .pt) "
-                "and no TensorFlow checkpoint; give one of these."
-            )
     else:
-        model, config, _ = convert.restore_model(path, step, print_fn)
+        raise ValueError(
+            f"{path!r} is no work directory (it holds no checkpoints/), no weights file (.safetensors, .pt) "
+            "and no TensorFlow checkpoint; give one of these."
+        )
     return (torch_twin(model, config) if framework == "torch" else model), config
 
 
@@ -164,6 +166,10 @@ def predict(
     (as when it is evaluated). Discovery: masks [B, K, R, R, 1], reconstruction, slot_reconstructions, slots,
     attention; set prediction: predictions [B, K, 19], slots, attention.
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"predict runs slotjax models, not a {type(model).__name__}; call a torch model itself on NCHW images."
+        )
     deterministic = bool(getattr(model, "adaptive_slots", False))
     outputs = _forward(model, jnp.asarray(images), jax.random.key(seed), num_slots, num_iterations, deterministic)
     return {name: np.asarray(value) for name, value in outputs.items()}

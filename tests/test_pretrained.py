@@ -129,6 +129,13 @@ def test_predict_takes_other_numbers_of_slots_and_iterations(saved):
     assert not np.array_equal(default["masks"], different_seed["masks"])  # the seed draws the initial slots
 
 
+def test_predict_refuses_a_torch_model_in_one_line(saved):
+    paths, _, config = saved
+    twin, _ = slotjax.load(paths["convert .safetensors"], framework="torch")
+    with pytest.raises(TypeError, match="predict runs slotjax models, not a SlotAutoencoder; call a torch model"):
+        slotjax.predict(twin, scene_images(config.resolution, 1))
+
+
 def test_slot_shares_count_the_pixels_each_slot_wins():
     masks = np.full((2, 3, 2, 2, 1), 0.1)
     masks[0, 0, 0, :], masks[0, 2, 1, :] = 0.8, 0.8  # image 0: slot 1 wins the top row, slot 3 the bottom one
@@ -175,7 +182,8 @@ def test_read_images_center_crop_keeps_the_central_square():
         (".", None, "jax", ValueError, "is no work directory .*no weights file .*no TensorFlow checkpoint"),
         ("notes.txt", None, "jax", ValueError, "is no work directory"),
         ("run", 5, "jax", ValueError, r"No checkpoint at step 5 .*\(steps: \[3\]\)"),
-        ("convert.safetensors", 3, "jax", ValueError, "step=3 chooses a checkpoint of a work directory"),
+        ("convert.safetensors", 3, "jax", ValueError, "step=3 chooses a checkpoint .* leave step out"),
+        (".", 3, "jax", ValueError, "is no work directory"),
         ("run", None, "tensorflow", ValueError, "framework='tensorflow'; use one of jax, torch"),
     ],
 )
