@@ -32,7 +32,11 @@ def get_config(task: str = "discovery", preset: str = "auto", dataset: str = "sc
     """The config of `task` with `preset` ("auto": by the data set) for `dataset`."""
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
-    config = importlib.import_module(f"slotjax.configs.{task}").get_config(preset_for(dataset, preset))
+    try:
+        module = importlib.import_module(f"slotjax.configs.{task}")
+    except ModuleNotFoundError:
+        raise ValueError(f"Task {task!r} has no config file (slotjax/configs/{task}.py).") from None
+    config = module.get_config(preset_for(dataset, preset))
     config.dataset = dataset
     return config
 

@@ -4,7 +4,6 @@ segmentation (docs/architecture.md)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -13,7 +12,7 @@ from slotjax import visualize
 from slotjax.data.files import CLEVR6_MAX_OBJECTS, DATASETS
 from slotjax.nn.models import SlotAutoencoder
 from slotjax.tasks.task import DataNeeds, Task
-from slotjax.train import metrics
+from slotjax.train import losses, metrics
 
 MAX_ENTITIES = 11  # ground-truth ids 0..10 (CLEVR with masks has the most: 10 objects + background)
 BROADCAST_RESOLUTION = 8  # the official decoder starts from 8x8 and doubles it in each stride-2 layer
@@ -33,12 +32,11 @@ class Discovery(Task):
 
     def loss(self, outputs: dict, batch: dict) -> jax.Array:
         """MSE over B x H x W x C."""
-        return squared_errors(outputs, batch).mean()
+        return losses.mse_loss(outputs["reconstruction"], batch["image"])
 
     def scores(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:
         """Each image's MSE (as "loss" and "mse"), and its FG-ARI and ARI where the batch has a segmentation."""
-        errors = squared_errors(outputs, batch)
-        mse = errors.reshape(errors.shape[0], -1).mean(axis=1)
+        mse = losses.mse_loss(outputs["reconstruction"], batch["image"], axis=(1, 2, 3))
         scores = {"loss": mse, "mse": mse}
         if "segmentation" in batch:
             scores["fg_ari"] = metrics.fg_ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
@@ -74,11 +72,6 @@ class Discovery(Task):
                 f"{resolution}x{resolution} asked for."
             )
         config.resolution = implied
-
-
-def squared_errors(outputs: dict, batch: dict) -> jax.Array:
-    """[B, H, W, C]: the reconstruction's squared error."""
-    return jnp.square(outputs["reconstruction"] - batch["image"])
 
 
 DISCOVERY = Discovery()

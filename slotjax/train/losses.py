@@ -63,22 +63,6 @@ def optimal_assignment(cost: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.take_along_axis(rows, order, 1), jnp.take_along_axis(cols, order, 1)
 
 
-def hungarian_matching(predictions: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Matching used by `hungarian_huber_loss` (e.g. for visualisation).
-
-    Args:
-      predictions: [B, K, D].
-      targets: [B, M, D].
-
-    Returns:
-      (target_indices, prediction_indices), each int [B, min(M, K)]: target
-      target_indices[b, n] is matched to prediction prediction_indices[b, n].
-      For M <= K, prediction_indices[b, i] is the prediction matched to target i.
-    """
-    cost = jax.lax.stop_gradient(pairwise_huber_cost(predictions, targets))
-    return optimal_assignment(cost)
-
-
 def hungarian_huber_costs(predictions: jax.Array, targets: jax.Array) -> jax.Array:
     """Matched Huber costs summed per image.
 
@@ -100,6 +84,6 @@ def hungarian_huber_loss(predictions: jax.Array, targets: jax.Array) -> jax.Arra
     return hungarian_huber_costs(predictions, targets).mean()
 
 
-def mse_loss(predictions: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean squared error over all elements (e.g. B x H x W x C)."""
-    return jnp.mean(jnp.square(predictions - targets))
+def mse_loss(predictions: jax.Array, targets: jax.Array, axis: int | tuple[int, ...] | None = None) -> jax.Array:
+    """Mean squared error over all elements (e.g. B x H x W x C), or over `axis` (e.g. (1, 2, 3): per image)."""
+    return jnp.mean(jnp.square(predictions - targets), axis=axis)
