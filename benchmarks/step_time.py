@@ -131,6 +131,7 @@ from slotjax import configs, kernels  # noqa: E402
 from slotjax.convert import flax_to_torch  # noqa: E402
 from slotjax.data.encoding import MAX_OBJECTS, OBJECT_SIZE  # noqa: E402
 from slotjax.flops import count_flops  # noqa: E402
+from slotjax.tasks import task_of  # noqa: E402
 from slotjax.train import optim, trainer  # noqa: E402
 from slotjax.train import step as steps  # noqa: E402
 
@@ -153,7 +154,7 @@ class Workload:
     jax_model: nnx.Module
     torch_model: torch.nn.Module
     batch: dict[str, np.ndarray]  # JAX layout; "image" (task models) or "inputs" (the module) is the model's input
-    jax_loss: Callable[[nnx.Module, dict, jax.Array], jax.Array]  # (model, batch, key) -> scalar, as StepDef.loss
+    jax_loss: Callable  # (model, batch, key, step) -> scalar, as StepDef.loss
     torch_loss: Callable[[Any, dict], torch.Tensor]  # (outputs, batch) -> scalar
     optimizer: dict  # make_optimizer's arguments
 
@@ -195,7 +196,7 @@ def slot_attention_workload(official: bool, batch_size: int | None) -> Workload:
         jax_model,
         twin(jax_model, torch_model),
         {"inputs": inputs.astype(np.float32)},
-        jax_loss=lambda model, batch, key: jnp.mean(jnp.square(model(batch["inputs"], key=key))),
+        jax_loss=lambda model, batch, key, step: jnp.mean(jnp.square(model(batch["inputs"], key=key))),
         torch_loss=lambda slots, batch: torch.mean(torch.square(slots)),
         optimizer=ADAM,
     )
@@ -205,9 +206,10 @@ def task_workload(task: str, official: bool, batch_size: int | None) -> Workload
     """A task model at its CPU preset (or official configuration) with its training loss."""
     config = configs.get_config(task, "official" if official else "cpu")
     batch_size = batch_size or (64 if official else config.batch_size)
-    name, arguments = steps.model_spec(config)
+    task_record = task_of(config)
     jax_model = steps.build_model(config)
-    torch_model = twin(jax_model, getattr(torch_reference, name)(**arguments))
+    torch_class = getattr(torch_reference, task_record.torch_model)
+    torch_model = twin(jax_model, torch_class(**task_record.model_arguments(config)))
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (batch_size, config.resolution, config.resolution, 3)).astype(np.float32)}
     if task == "discovery":
@@ -219,7 +221,7 @@ def task_workload(task: str, official: bool, batch_size: int | None) -> Workload
         torch_loss = lambda outputs, batch: torch_reference.train.losses.hungarian_huber_loss(  # noqa: E731
             outputs["predictions"], batch["target"]
         )
-    jax_loss = functools.partial(steps.task_loss, task)  # the trainer's own
+    jax_loss = functools.partial(steps.training_loss, task_record, config)  # the trainer's own
     optimizer = dict(
         learning_rate=config.learning_rate,
         warmup_steps=config.warmup_steps,

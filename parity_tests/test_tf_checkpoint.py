@@ -25,7 +25,7 @@ from parity_tests.helpers import FORWARD_TOLERANCE, as_numpy, assert_close
 from slotjax import convert, tf_checkpoint
 from slotjax.convert import ConversionError
 from slotjax.train import checkpoints as training_checkpoints
-from slotjax.train import trainer
+from slotjax.train.step import initial_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small models with all widths different, so that a transposed or swapped array cannot go unnoticed.
@@ -320,7 +320,7 @@ def test_slotjax_and_torch_compute_the_official_function_of_the_weights(checkpoi
     ours = model(jnp.asarray(images), initial_slots=initial)
 
     weights = str(tmp_path / "model.safetensors")
-    assert tf_checkpoint.convert_tf_checkpoint(directory, weights, **options) == weights
+    assert convert.convert_tf_checkpoint(directory, weights, **options) == weights
     assert convert.load_metadata(weights)["step"] == str(STEP)
     reference = torch_reference.load_model(weights)
     torch_attention = reference.encoder.slot_attention
@@ -363,7 +363,7 @@ def test_command_writes_a_work_directory_that_train_py_evaluates(checkpoints, tm
     model, config = tf_checkpoint.load_tf_model(directory)
     manager = training_checkpoints.checkpoint_manager(workdir)
     assert manager.latest_step() == STEP
-    state = training_checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config)
+    state = training_checkpoints.restore_checkpoint(manager, initial_state(config), config)
     manager.close()
     converted = nnx.state(model, nnx.Param)
     assert jax.tree.structure(state.params) == jax.tree.structure(converted)
@@ -441,22 +441,21 @@ def test_another_models_run_directory_is_refused(checkpoints, tmp_path):
     discovery, _ = checkpoints["discovery"]
     set_prediction, _ = checkpoints["set_prediction"]
     workdir = str(tmp_path / "run")
-    tf_checkpoint.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
+    convert.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
     with pytest.raises(
         ConversionError,
-        match=r"holds checkpoints of another model \(task: 'set_prediction' there, "
-        r"'discovery' here",
+        match=r"holds checkpoints of another model \(task: checkpoint 'set_prediction' vs now 'discovery'",
     ):
-        tf_checkpoint.convert_tf_checkpoint(discovery, workdir)
+        convert.convert_tf_checkpoint(discovery, workdir)
     with pytest.raises(ConversionError, match=rf"already holds a checkpoint at step {STEP}"):
-        tf_checkpoint.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
+        convert.convert_tf_checkpoint(set_prediction, workdir, resolution=SET_PREDICTION_RESOLUTION)
 
 
 def test_a_work_directory_exports_back_to_the_same_tensorflow_checkpoint(checkpoints, tmp_path):
     """TF checkpoint -> slotjax work directory -> official layout again: every variable bit for bit, and the step."""
     directory, variables = checkpoints["discovery"]
     workdir = str(tmp_path / "run")
-    tf_checkpoint.convert_tf_checkpoint(directory, workdir)
+    convert.convert_tf_checkpoint(directory, workdir)
     convert.main(["--workdir", workdir, "--output", str(tmp_path / "tf"), "--tf"])
     reader = tf.train.load_checkpoint(str(tmp_path / "tf"))
     names = set(reader.get_variable_to_shape_map())

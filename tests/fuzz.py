@@ -143,11 +143,11 @@ def make_fixtures(root: Path, weights_formats=("safetensors", "pt")) -> dict:
     import jax.numpy as jnp
 
     from slotjax import convert
-    from slotjax.train import checkpoints, trainer
+    from slotjax.train import checkpoints
+    from slotjax.train import step as steps
 
     config = tiny_config()
-    run = trainer.Trainer(config)
-    state = run.initial_state()
+    state = steps.initial_state(config)
     manager = checkpoints.checkpoint_manager(str(root / "run"), config)
     for step in STEPS:
         checkpoints.save_checkpoint(manager, state.replace(step=jnp.asarray(step, jnp.int32)), config)
@@ -155,7 +155,7 @@ def make_fixtures(root: Path, weights_formats=("safetensors", "pt")) -> dict:
     fixtures = {"root": root, "run": root / "run", "weights": {}}
     for extension in weights_formats:
         path = root / f"model.{extension}"
-        convert.save_model_weights(run.model(state.params), config, STEPS[-1], str(path))
+        convert.save_model_weights(steps.build_model(config), config, STEPS[-1], str(path))
         fixtures["weights"][extension] = path
     return fixtures
 
@@ -241,7 +241,7 @@ def random_flag_case(rng: np.random.Generator, directory: Path, fixtures: dict) 
         return flag_case(directory, fixtures, arguments, re.escape(names))
     # flags that would change the model of an existing run (training or evaluation)
     arguments, names = [
-        (["--config.num_slots=5"], "num_slots"),
+        (["--config.encoder_features=16"], "encoder_features"),
         (["--config.resolution=32"], "resolution"),
         (["--task=set_prediction"], "task"),
         (["--preset=official"], "resolution"),
@@ -576,7 +576,8 @@ def judge(case: Case, code: int, output: str) -> tuple[bool, str]:
 
 def _restored(workdir: str, step: int):
     """The training state of the checkpoint at `step` in `workdir`, or None where it does not load."""
-    from slotjax.train import checkpoints, runs, trainer
+    from slotjax.train import checkpoints, runs
+    from slotjax.train import step as steps
 
     saved = runs.saved_config(workdir)
     if saved is None:
@@ -586,7 +587,7 @@ def _restored(workdir: str, step: int):
     try:
         if step not in manager.all_steps():
             return None
-        return checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
+        return checkpoints.restore_checkpoint(manager, steps.initial_state(config), config, step)
     except Exception:  # whatever a damaged checkpoint raises
         return None
     finally:

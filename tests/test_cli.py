@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from slotjax import convert, cpu_devices
-from slotjax.train import checkpoints, runs, trainer
+from slotjax import configs, convert, cpu_devices
+from slotjax.train import runs, trainer
 from slotjax.train import step as steps
 from tests.conftest import tiny_config
 
@@ -31,16 +31,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         ("dataset", "mnist", r"Unknown data set 'mnist'; use --config.dataset="),
     ],
 )
-def test_settings_no_run_can_use_are_refused_naming_the_flag(field, value, message):
+def test_settings_no_run_can_use_are_refused_naming_the_flag(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         runs.check_config(tiny_config(**{field: value}))
-    with pytest.raises(ValueError, match=message):  # the trainer checks too (for callers other than train.py)
-        trainer.Trainer(tiny_config(**{field: value}))
+    with pytest.raises(ValueError, match=message):  # the same check for callers other than train.py
+        trainer.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path), print_fn=lambda line: None)
+    assert not os.listdir(tmp_path)  # refused before anything starts
 
 
 def test_set_prediction_needs_a_data_set_with_targets():
     runs.check_config(tiny_config("set_prediction"))
-    with pytest.raises(ValueError, match="'tetrominoes' has no set prediction targets"):
+    with pytest.raises(ValueError, match="'tetrominoes' has no set_prediction targets"):
         runs.check_config(tiny_config("set_prediction", dataset="tetrominoes"))
 
 
@@ -69,13 +70,32 @@ def test_the_saved_config_is_the_newest_that_reads(tmp_path):
 
 
 def test_an_existing_run_keeps_its_model_and_takes_the_other_flags():
-    saved = tiny_config(num_slots=5)
-    config = runs.existing_run_config(3, saved, "run", {}, {"eval_batch_size": 4, "num_slots": 5, "dataset": "scenes"})
-    assert (config.num_slots, config.eval_batch_size, saved.eval_batch_size) == (5, 4, 8)
-    with pytest.raises(runs.TrainingError, match=r"step 3 in run/checkpoints belongs to another model \(num_slots: "):
-        runs.existing_run_config(3, saved, "run", {}, {"num_slots": 4})
+    saved = tiny_config(num_slots=5, num_devices=8, cpu_devices=8)
+    overrides = {"eval_batch_size": 4, "slot_size": 16, "dataset": "scenes", "grad_clip_norm": 0.0}
+    config = runs.existing_run_config(3, saved, "run", {}, overrides, {"num_devices": 0, "cpu_devices": 1})
+    assert (config.slot_size, config.eval_batch_size, saved.eval_batch_size) == (16, 4, 8)
+    assert (config.grad_clip_norm, config.num_devices, config.cpu_devices) == (0.0, 0, 1)  # training, this machine
+    assert runs.existing_run_config(3, saved, "run", {}, {"num_slots": 7}).num_slots == 7  # no parameter
+    with pytest.raises(runs.TrainingError, match=r"step 3 in run/checkpoints belongs to another model \(slot_size: "):
+        runs.existing_run_config(3, saved, "run", {}, {"slot_size": 8})
     with pytest.raises(runs.TrainingError, match=r"task: checkpoint 'discovery' vs now 'set_prediction'"):
         runs.existing_run_config(3, saved, "run", {"task": "set_prediction"}, {})
+
+
+def test_a_saved_config_gets_the_defaults_of_fields_added_since(tmp_path):
+    write_run(tmp_path, tiny_config(first_eval_seconds=5.0, nonfinite_skip_limit=3))
+    path = tmp_path / "checkpoints" / "3" / "config" / "metadata"
+    saved = json.loads(path.read_text())
+    for name in ("first_eval_seconds", "nonfinite_skip_limit", "adam_epsilon", "remat_decoder"):
+        del saved[name]
+    path.write_text(json.dumps(saved))
+    _, config = runs.saved_config(str(tmp_path))
+    defaults = configs.get_config("discovery", "cpu")
+    for name in ("first_eval_seconds", "nonfinite_skip_limit", "adam_epsilon", "remat_decoder"):
+        assert config[name] == defaults[name], name
+    assert config.first_eval_seconds == 60.0 and config.resolution == 16  # the preset's default; the run's model
+    restored, _, step = convert.restore_model(str(tmp_path), print_fn=lambda line: None)  # builds and restores
+    assert step == 3
 
 
 def train_py(*arguments, **kwargs) -> subprocess.Popen:
@@ -100,7 +120,6 @@ def test_eval_uses_the_config_saved_with_the_checkpoint(tmp_path):
     assert "eval test at step 3: " in out and "Traceback" not in err
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(row["step"], row["split"]) for row in rows] == [(3, "test")]
-    assert checkpoints.MODEL_FIELDS == runs.MODEL_FIELDS
 
 
 def test_ctrl_c_while_starting_prints_one_line_and_exits_130(tmp_path):

@@ -570,7 +570,7 @@ def test_records_of_another_format_are_reported_with_the_file_name(tmp_path, sma
 def test_argument_errors():
     with pytest.raises(ValueError, match="clevr, clevr_with_masks, multi_dsprites, tetrominoes, objects_room"):
         datasets.make_dataset("mnist", "/data", "train", task="discovery", resolution=64, batch_size=8)
-    with pytest.raises(ValueError, match="no set prediction targets"):
+    with pytest.raises(ValueError, match="no set_prediction targets"):
         datasets.make_dataset("tetrominoes", "/data", "train", task="set_prediction", resolution=64, batch_size=8)
     with pytest.raises(ValueError, match="train_eval"):
         datasets.make_dataset("clevr", "/data", "eval", task="discovery", resolution=64, batch_size=8)

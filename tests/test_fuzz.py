@@ -13,7 +13,7 @@ SAMPLE = [
     ("flag", dict(arguments=["--config.eval_batch_size=0"], names="eval_batch_size")),
     ("flag", dict(arguments=["--config.compute_dtype=float8"], names="compute_dtype")),
     ("flag", dict(arguments=["--config=configs/discovery.py:fast"], names="fast")),
-    ("flag", dict(arguments=["--mode=eval", "--config.num_slots=5"], names="num_slots", existing=True)),
+    ("flag", dict(arguments=["--mode=eval", "--config.slot_size=32"], names="slot_size", existing=True)),
     ("data", dict(dataset="tetrominoes", damage="few records", mode="train")),
     ("data", dict(dataset="multi_dsprites", damage="empty", mode="train")),
     ("data", dict(dataset="objects_room", damage="records of another layout", mode="eval")),

@@ -65,7 +65,8 @@ def test_matching_recovers_permutation_and_loss_is_zero():
     predictions = rng.random((batch_size, num_slots, 19)).astype(np.float32) + 5.0
     np.put_along_axis(predictions, slot_of_target[..., None], targets, axis=1)
 
-    target_indices, prediction_indices = losses.hungarian_matching(jnp.asarray(predictions), jnp.asarray(targets))
+    cost = losses.pairwise_huber_cost(jnp.asarray(predictions), jnp.asarray(targets))
+    target_indices, prediction_indices = losses.optimal_assignment(cost)
     np.testing.assert_array_equal(target_indices, np.tile(np.arange(num_objects), (batch_size, 1)))
     np.testing.assert_array_equal(prediction_indices, slot_of_target)
     assert losses.hungarian_huber_loss(jnp.asarray(predictions), jnp.asarray(targets)) == 0.0
@@ -76,7 +77,7 @@ def test_gradient_reaches_matched_predictions_only():
     predictions = jnp.asarray(rng.random((2, 6, 19)), jnp.float32)
     targets = jnp.asarray(rng.random((2, 3, 19)), jnp.float32)
     grads = jax.jit(jax.grad(losses.hungarian_huber_loss))(predictions, targets)
-    _, prediction_indices = losses.hungarian_matching(predictions, targets)
+    _, prediction_indices = losses.optimal_assignment(losses.pairwise_huber_cost(predictions, targets))
     is_matched = np.zeros((2, 6), bool)
     np.put_along_axis(is_matched, np.asarray(prediction_indices), True, axis=1)
     grad_norms = np.linalg.norm(np.asarray(grads), axis=-1)

@@ -36,9 +36,10 @@ import slotjax
 import torch_reference
 from slotjax import convert, cpu_devices
 from slotjax.data import pipeline, scenes
-from slotjax.train import checkpoints, losses, metrics, trainer
+from slotjax.train import checkpoints, losses, metrics, runs, trainer
 from slotjax.train import step as steps
 from slotjax.train.logger import Logger
+from slotjax.weights_file import CHECKSUM_KEY, tensors_checksum
 from tests import fuzz
 from tests.conftest import tiny_config
 
@@ -163,25 +164,25 @@ def reference_run(tmp_path_factory, subprocess_env):
 def poison_step(monkeypatch, bad_step):
     """The loss (and so every gradient) of training step `bad_step` (0-based; or of each step in a range) becomes
     NaN."""
-    original_batches, original_loss = pipeline.train_batches, steps.compute_loss
+    original_batches, original_loss = pipeline.train_batches, steps.training_loss
     bad_steps = bad_step if isinstance(bad_step, range) else range(bad_step, bad_step + 1)
 
     def train_batches(config, start_step, *args):
         for step, batch in enumerate(original_batches(config, start_step, *args), start_step):
             yield {**batch, "poison": np.full(len(batch["image"]), step in bad_steps, np.float32)}
 
-    def compute_loss(task, outputs, batch):
-        loss = original_loss(task, outputs, batch)
+    def training_loss(task, config, model, batch, key, step):
+        loss = original_loss(task, config, model, batch, key, step)
         return loss * jnp.where(batch["poison"].max() > 0, jnp.nan, 1.0) if "poison" in batch else loss
 
     monkeypatch.setattr(pipeline, "train_batches", train_batches)
-    monkeypatch.setattr(steps, "compute_loss", compute_loss)
+    monkeypatch.setattr(steps, "training_loss", training_loss)
     monkeypatch.setattr(trainer, "evaluate_and_log", lambda *args, **kwargs: {})  # not under test: saves a compile
 
 
 def restore(workdir, config, step):
     manager = checkpoints.checkpoint_manager(str(workdir))
-    state = checkpoints.restore_checkpoint(manager, trainer.Trainer(config).initial_state(), config, step)
+    state = checkpoints.restore_checkpoint(manager, steps.initial_state(config), config, step)
     manager.close()
     return state
 
@@ -261,7 +262,7 @@ def test_nonfinite_loss_skip_stops_after_too_many_bad_batches_in_a_row(tmp_path,
 @pytest.mark.parametrize("limit", [0, -3])
 def test_a_skip_limit_that_is_no_positive_integer_is_refused(limit):
     with pytest.raises(ValueError, match=f"nonfinite_skip_limit must be an integer >= 1, got {limit!r}"):
-        trainer.Trainer(tiny_config(nonfinite_skip_limit=limit))
+        runs.check_config(tiny_config(nonfinite_skip_limit=limit))
 
 
 def test_evaluation_shows_nonfinite_metrics_as_nan_and_flags_them(tmp_path):
@@ -460,7 +461,7 @@ def test_altered_tensors_in_a_weights_file_give_a_conversion_error(tmp_path, suf
     path = tmp_path / f"weights{suffix}"
     module = slotjax.SlotAttention(3, 8, mlp_hidden_size=8, rngs=nnx.Rngs(0))
     convert.save_weights(module, path, {"step": "1"})
-    assert convert.load_metadata(path)[convert.CHECKSUM_KEY] == convert.tensors_checksum(convert.flax_to_torch(module))
+    assert convert.load_metadata(path)[CHECKSUM_KEY] == tensors_checksum(convert.flax_to_torch(module))
     data = bytearray(path.read_bytes())
     original = convert.flax_to_torch(module)["slots_mu"].tobytes()
     start = data.find(original)  # where the tensor's bytes lie (in a .pt, inside its zip archive, uncompressed)
@@ -874,10 +875,10 @@ BAD_COMMANDS = {
     "not a number": (["--config.num_slots=many"], {}, r"flag --config.num_slots=many: invalid literal for int"),
     "eval without checkpoint": (["--mode=eval"], {}, r"error: No checkpoint in .*train first"),
     "another model's checkpoint": (
-        ["--config.num_slots=5"],
+        ["--config.slot_size=8"],
         {},
         r"error: The checkpoint at step 0 .* belongs to another model "
-        r"\(num_slots: checkpoint 4 vs now 5\)",
+        r"\(slot_size: checkpoint 16 vs now 8\)",
     ),
     "unknown nonfinite_loss policy": (
         ["--config.nonfinite_loss=skp", "--config.num_train_steps=0"],
@@ -891,7 +892,7 @@ BAD_COMMANDS = {
 def bad_command_results(tmp_path_factory, subprocess_env):
     """Runs the bad commands side by side (none gets as far as compiling a training step)."""
     root = tmp_path_factory.mktemp("cli")
-    # a checkpoint written with the tiny model's config (4 slots) for "another model's checkpoint"
+    # a checkpoint written with the tiny model's config (slot size 16) for "another model's checkpoint"
     config = tiny_cli_config()
     manager = checkpoints.checkpoint_manager(str(root / "another model's checkpoint"), config)
     checkpoints.save_checkpoint(manager, small_state(0), config)

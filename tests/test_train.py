@@ -12,6 +12,7 @@ import torch
 import torch_reference
 from slotjax import convert, visualize
 from slotjax.data import pipeline
+from slotjax.tasks.set_prediction import SET_PREDICTION
 from slotjax.train import checkpoints, losses, runs, trainer
 from slotjax.train import step as steps
 from tests.conftest import tiny_config
@@ -32,7 +33,7 @@ def test_training_writes_metrics_events_pictures_and_checkpoints(tmp_path, task)
     eval_rows = read_metrics(tmp_path, "validation")
     assert [row["step"] for row in eval_rows] == [3, 6]
     expected = (
-        {"loss", "fg_ari", "ari", "mse"}
+        {"loss", "fg_ari", "ari", "mbo", "mse"}
         if task == "discovery"
         else {"loss", "ap_inf", "ap_1", "ap_0.5", "ap_0.25", "ap_0.125"}
     )
@@ -90,12 +91,19 @@ def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
         assert row["loss"] == unbroken[row["step"]], row["step"]
 
 
-def test_checkpoint_of_another_model_is_refused(tmp_path):
+def test_checkpoint_of_another_model_is_refused_and_training_settings_follow_the_config(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path), print_fn=lambda line: None)
-    with pytest.raises(trainer.TrainingError, match=r"belongs to another model \(num_slots: checkpoint 4 vs now 5\)"):
-        trainer.train_and_evaluate(
-            tiny_config(num_train_steps=6, num_slots=5), str(tmp_path), print_fn=lambda line: None
-        )
+    with pytest.raises(trainer.TrainingError, match=r"belongs to another model \(slot_size: checkpoint 16 vs now 8\)"):
+        trainer.train_and_evaluate(tiny_config(num_train_steps=6, slot_size=8), str(tmp_path), print_fn=print)
+    # no parameter changes: more slots, no gradient clipping (another optimiser state layout), a larger batch
+    config = tiny_config(num_train_steps=4, num_slots=5, grad_clip_norm=0.0, batch_size=16, eval_every=100)
+    lines = []
+    trainer.train_and_evaluate(config, str(tmp_path), print_fn=lines.append)
+    assert "Resuming from the checkpoint at step 3" in "\n".join(lines)
+    model, saved, step = convert.restore_model(str(tmp_path), print_fn=lambda line: None)
+    assert (step, saved.num_slots, saved.grad_clip_norm) == (4, 5, 0.0)
+    state = checkpoints.restore_checkpoint(str(tmp_path / "checkpoints"), steps.initial_state(config), config, 4)
+    assert int(jax.tree.leaves(state.opt_state)[0]) == 4  # Adam's count went on from the checkpoint's 3
 
 
 @pytest.mark.parametrize("dataset, most_objects", [("scenes", 3), ("clevr", 10)])
@@ -107,17 +115,17 @@ def test_set_prediction_refuses_fewer_slots_than_objects(dataset, most_objects):
         match=rf"num_slots=2 is below the {most_objects} objects a scene of '{dataset}' "
         rf"may hold.*--config.num_slots >= {most_objects}",
     ):
-        trainer.Trainer(config)
+        runs.check_config(config)
 
 
 def test_set_prediction_with_as_many_slots_as_objects_matches_the_first_rows():
     """3 slots on scenes of at most 3 objects: the loss is the set loss against the first 3 target rows."""
-    run = trainer.Trainer(tiny_config("set_prediction", num_slots=3, max_objects=3, min_objects=3))
-    batch = next(pipeline.train_batches(run.config, 0, 0, 1))
-    outputs = run.model(run.initial_params)(batch["image"], key=jax.random.key(0))
+    config = tiny_config("set_prediction", num_slots=3, max_objects=3, min_objects=3)
+    batch = next(pipeline.train_batches(config, 0, 0, 1))
+    outputs = steps.build_model(config)(batch["image"], key=jax.random.key(0))
     assert outputs["predictions"].shape[1] == 3 and batch["target"].shape[1] == 10
     assert np.all(batch["target"][:, 3:] == 0) and np.all(batch["target"][:, :3, 18] == 1)
-    loss = steps.compute_loss("set_prediction", outputs, batch)
+    loss = SET_PREDICTION.loss(outputs, batch)
     np.testing.assert_allclose(loss, losses.hungarian_huber_loss(outputs["predictions"], batch["target"][:, :3]))
 
 
@@ -139,12 +147,10 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
     weights = str(tmp_path / "model.safetensors")
     convert.main(["--workdir", workdir, "--output", weights])
     reference = torch_reference.load_model(weights)
-    manager = checkpoints.checkpoint_manager(workdir)
-    run = trainer.Trainer(config)
-    state = checkpoints.restore_checkpoint(manager, run.initial_state(), config)
+    restored, _, _ = convert.restore_model(workdir, print_fn=lambda line: None)
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     initial = np.random.default_rng(1).normal(size=(2, 4, 16)).astype(np.float32)
-    ours = run.model(state.params)(jax.numpy.asarray(images), initial_slots=initial)["reconstruction"]
+    ours = restored(jax.numpy.asarray(images), initial_slots=initial)["reconstruction"]
     with torch.no_grad():
         theirs = reference(torch.tensor(images).permute(0, 3, 1, 2), initial_slots=torch.tensor(initial))[
             "reconstruction"
@@ -154,12 +160,12 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
     # and back: safetensors -> a checkpoint with the same parameters; and a model saved by torch_reference
     torch_weights = str(tmp_path / "from_torch.pt")
     assert torch_reference.save_model(reference, torch_weights, step=7) == torch_weights
-    trained = convert.flax_to_torch(run.model(state.params))
+    trained = convert.flax_to_torch(restored)
     for source, target, step in [(weights, "back", 3), (torch_weights, "from_torch", 7)]:
         convert.main(["--input", source, "--output", str(tmp_path / target)])
         model, saved_config, saved_step = convert.restore_model(str(tmp_path / target))
         assert saved_step == step
-        assert all(saved_config.get(field) == config.get(field) for field in checkpoints.MODEL_FIELDS)
+        assert not runs.model_differences(saved_config, config)
         for name, value in convert.flax_to_torch(model).items():
             np.testing.assert_array_equal(value, trained[name])
     assert saved_config.preset == "official"  # a torch_reference file: the paper's settings, the model's sizes
