@@ -21,6 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from slotjax import visualize
 from slotjax.data import pipeline
 from slotjax.tasks import task_of
 from slotjax.train.checkpoints import (
@@ -30,11 +31,12 @@ from slotjax.train.checkpoints import (
     save_checkpoint,
 )
 from slotjax.train.logger import Logger
-from slotjax.train.runs import Interrupted, check_config
+from slotjax.train.runs import Interrupted, check_config, config_from_checkpoint
 from slotjax.train.step import TrainState, eval_step, initial_state, make_step_def, train_step
 
 PICTURE_EXAMPLES = 8  # examples of the first evaluation batch drawn in the picture
-UNDEFINED_PER_EXAMPLE = ("fg_ari", "ari")  # NaN for an image without (foreground) pixels: averaged over the others
+# NaN for an image without foreground pixels (FG-ARI), pixels (ARI) or objects (mBO): averaged over the others
+UNDEFINED_PER_EXAMPLE = ("fg_ari", "ari", "mbo")
 
 
 def initialize_distributed(
@@ -105,8 +107,9 @@ class Trainer:
         pipeline.check_batch(batch, self.config.resolution)
         return {key: jax.make_array_from_process_local_data(self.data_sharding, value) for key, value in batch.items()}
 
-    def evaluate(self, params, split: str) -> tuple[dict[str, float], np.ndarray]:
-        """Metrics over `config.num_eval_examples` examples of `split`, and a picture of the first batch.
+    def evaluate(self, params, split: str, attention: bool = False) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """Metrics over `config.num_eval_examples` examples of `split`, and pictures of the first batch: "examples"
+        (the task's), and with `attention` "attention" (each slot's attention in every iteration).
 
         Only the per-example scores, the arrays the task's metrics pool and the first batch's pictured examples
         cross between hosts.
@@ -120,6 +123,8 @@ class Trainer:
             gathered = {"scores": batch_scores, "pooled": self.task.pooled(outputs, batch)}
             if picture is None:
                 pictured = self.task.pictured(outputs, batch)
+                if attention:
+                    pictured = {**pictured, "attention_image": batch["image"], "attention": outputs["attention"]}
                 gathered["pictured"] = jax.tree.map(lambda array: array[:PICTURE_EXAMPLES], pictured)
             gathered = multihost_utils.process_allgather(gathered, tiled=True)
             for name, values in gathered["scores"].items():
@@ -127,7 +132,10 @@ class Trainer:
             for name, values in gathered["pooled"].items():
                 pooled.setdefault(name, []).append(np.asarray(values))
             if picture is None:
-                picture = self.task.picture(gathered["pictured"])
+                pictured = gathered["pictured"]
+                picture = {"examples": self.task.picture(pictured)}
+                if attention:
+                    picture["attention"] = visualize.attention_grid(pictured["attention_image"], pictured["attention"])
         results = {name: _mean(name, np.concatenate(values)) for name, values in scores.items()}
         if pooled:
             results.update(self.task.metrics({name: np.concatenate(values) for name, values in pooled.items()}))
@@ -313,16 +321,23 @@ class Progress:
 
 
 def evaluate_and_log(
-    trainer: Trainer, params, step: int, split: str, logger: Logger, print_fn: Callable[[str], None] = print
+    trainer: Trainer,
+    params,
+    step: int,
+    split: str,
+    logger: Logger,
+    print_fn: Callable[[str], None] = print,
+    setting: dict | None = None,
 ) -> dict[str, float]:
-    results, picture = trainer.evaluate(params, split)
-    logger.scalars(step, split, results)
-    path = logger.picture(step, split, picture)
+    """Evaluates, writes the metrics (with the test-time `setting`, if any) and pictures, and prints one line."""
+    results, pictures = trainer.evaluate(params, split, attention=setting is not None)
+    logger.scalars(step, split, results, setting)
+    paths = [logger.picture(step, split, picture, name) for name, picture in pictures.items()]
     nonfinite = [name for name, value in results.items() if not np.isfinite(value)]
     print_fn(
         f"eval {split} at step {step}: "
         + "  ".join(f"{name} {value:.4f}" for name, value in results.items())
-        + (f"  (pictures: {path})" if path else "")
+        + (f"  (pictures: {', '.join(paths)})" if all(paths) else "")
         + (f"  NOT FINITE: {', '.join(nonfinite)}" if nonfinite else "")
     )
     return results
@@ -340,12 +355,33 @@ def evaluate_checkpoint(
         raise TrainingError(no_checkpoint)
     trainer = start_run(config, (split,))
     state, _ = restore_latest_intact(manager, lambda _: trainer.initial_state(), config, print_fn)
-    results = evaluate_and_log(trainer, state.params, int(state.step), split, Logger(workdir), print_fn)
+    setting = test_setting(config_from_checkpoint(manager, int(state.step)), config)
+    print_fn(describe_setting(setting))
+    results = evaluate_and_log(trainer, state.params, int(state.step), split, Logger(workdir), print_fn, setting)
     report = trainer.task.report(results)
     if report:
         print_fn(report)
     manager.close()
     return results
+
+
+def test_setting(trained: ml_collections.ConfigDict, tested: ml_collections.ConfigDict) -> dict[str, dict]:
+    """What a checkpoint was trained with and what it is evaluated with: slots, iterations and, on the embedded
+    scenes, objects per scene (test-time settings that change no parameter)."""
+    names = ("num_slots", "num_iterations") + (("min_objects", "max_objects") if tested.dataset == "scenes" else ())
+    return {"trained": {name: trained.get(name) for name in names}, "tested": {name: tested[name] for name in names}}
+
+
+def describe_setting(setting: dict[str, dict]) -> str:
+    """ "trained: 7 slots, 3 iterations, 2-6 objects; tested: 11 slots, 5 iterations, 7-10 objects"."""
+
+    def described(values: dict) -> str:
+        parts = [f"{values['num_slots']} slots", f"{values['num_iterations']} iterations"]
+        if "min_objects" in values:
+            parts.append(f"{values['min_objects']}-{values['max_objects']} objects")
+        return ", ".join(parts)
+
+    return f"trained: {described(setting['trained'])}; tested: {described(setting['tested'])}"
 
 
 def _duration(seconds: float) -> str:
