@@ -35,12 +35,14 @@ class Discovery(Task):
         return losses.mse_loss(outputs["reconstruction"], batch["image"])
 
     def scores(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:
-        """Each image's MSE (as "loss" and "mse"), and its FG-ARI and ARI where the batch has a segmentation."""
+        """Each image's MSE (as "loss" and "mse"), and its FG-ARI, ARI and mBO where the batch has a segmentation
+        (docs/metrics.md)."""
         mse = losses.mse_loss(outputs["reconstruction"], batch["image"], axis=(1, 2, 3))
         scores = {"loss": mse, "mse": mse}
         if "segmentation" in batch:
             scores["fg_ari"] = metrics.fg_ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
             scores["ari"] = metrics.ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
+            scores["mbo"] = metrics.mbo_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
         return scores
 
     def pictured(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:
