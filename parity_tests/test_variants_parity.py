@@ -1,5 +1,6 @@
 """Slot Attention's variants (docs/variants.md) against their torch_reference twins: forward, attention and
-gradients with weights converted both ways, whole variant models, and weight round trips."""
+gradients with weights converted both ways, Invariant Slot Attention, whole variant models (adaptive slots
+among them), and weight round trips."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,9 @@ from parity_tests.helpers import (
     to_torch,
 )
 from slotjax.convert import flax_to_torch, torch_to_flax
+from slotjax.nn.invariant_slot_attention import InvariantSlotAttention
 from slotjax.nn.slot_attention import query_noise_schedule
+from torch_reference.nn.invariant_slot_attention import InvariantSlotAttention as TorchInvariantSlotAttention
 from torch_reference.nn.slot_attention import query_noise_schedule as torch_query_noise_schedule
 
 VARIANTS = {
@@ -102,66 +105,134 @@ def test_variant_matches_torch(variant, seed):
     assert_grads_close(jax_grads, torch_param_grads(torch_module))
 
 
-MODEL_VARIANTS = dict(
-    implicit_gradients=True,
-    learned_queries=True,
-    num_heads=2,
-    attention_normalisation="scaled_sum",
-    adaptive_slots=True,
-)
+ISA_SHAPES = [(2, (4, 5), 12, 16, 4, 3), (3, (3, 3), 8, 8, 3, 2)]  # as SHAPES, the inputs a grid of cells
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_invariant_slot_attention_matches_torch(seed):
+    batch, grid_size, input_size, slot_size, num_slots, num_iterations = ISA_SHAPES[seed]
+    options = dict(input_size=input_size, num_iterations=num_iterations, mlp_hidden_size=16, grid_hidden_size=16)
+    flax_module = InvariantSlotAttention(num_slots, slot_size, grid_size, **options, rngs=nnx.Rngs(seed))
+    torch_module = TorchInvariantSlotAttention(num_slots, slot_size, grid_size, **options)
+    torch_module.load_state_dict({name: torch.from_numpy(v) for name, v in flax_to_torch(flax_module).items()})
+    rng = np.random.default_rng(seed + 100)
+    inputs = rng.normal(size=(batch, grid_size[0] * grid_size[1], input_size)).astype(np.float32)
+    start = dict(
+        initial_positions=rng.uniform(-1.2, 1.2, size=(batch, num_slots, 2)).astype(np.float32),  # some clipped
+        initial_scales=rng.normal(0.1, 0.1, size=(batch, num_slots, 2)).astype(np.float32),
+    )
+    cotangent = rng.normal(size=(batch, num_slots, slot_size)).astype(np.float32)
+
+    slots, aux = flax_module(jnp.asarray(inputs), **start, return_attention=True)
+    with torch.no_grad():
+        torch_slots, torch_aux = torch_module(
+            to_torch(inputs), **{name: to_torch(value) for name, value in start.items()}, return_attention=True
+        )
+    assert aux["attention"].shape == (batch, num_iterations + 1, num_slots, grid_size[0] * grid_size[1])
+    assert_close(slots, torch_slots, FORWARD_TOLERANCE, "slots")
+    for name in ("attention", "positions", "scales"):
+        assert_close(aux[name], torch_aux[name], FORWARD_TOLERANCE, name)
+
+    def loss_fn(module, inputs):
+        slots, aux = module(inputs, **start, return_attention=True)
+        return jnp.sum(slots * cotangent) + jnp.sum(aux["positions"]) + jnp.sum(aux["scales"] ** 2)
+
+    loss, jax_grads, (jax_input_grad,) = jax_value_and_grads(flax_module, loss_fn, jnp.asarray(inputs))
+    torch_inputs = to_torch(inputs, requires_grad=True)
+    slots, aux = torch_module(
+        torch_inputs, **{name: to_torch(value) for name, value in start.items()}, return_attention=True
+    )
+    torch_loss = (slots * to_torch(cotangent)).sum() + aux["positions"].sum() + (aux["scales"] ** 2).sum()
+    torch_loss.backward()
+    assert_close(loss, torch_loss, FORWARD_TOLERANCE, "loss")
+    assert_close(jax_input_grad, torch_inputs.grad, GRADIENT_TOLERANCE, "gradient of inputs")
+    assert_grads_close(jax_grads, torch_param_grads(torch_module))
+
+
 MODEL_OPTIONS = dict(resolution=16, num_slots=3, slot_size=8, encoder_features=8, decoder_features=8, mlp_hidden_size=8)
+MODEL_VARIANTS = {  # with learned queries or learned initial slots, so that only the options below are random
+    "slot_attention_variants": dict(
+        implicit_gradients=True,
+        learned_queries=True,
+        num_heads=2,
+        attention_normalisation="scaled_sum",
+        adaptive_slots=True,
+    ),
+    "invariant_slots": dict(invariant_slots=True, adaptive_slots=True),
+}
 CHANNELS_FIRST = ("reconstruction", "slot_reconstructions", "masks")  # torch's outputs [..., C, H, W]
 
 
-def test_variant_model_round_trips_and_matches_torch(tmp_path, seed=0):
-    """Weights convert bit for bit both ways (learned queries keep their name and layout); every output agrees
-    (keep decisions by argmax); torch_reference's save_model writes the variants, and load_model builds them."""
-    model = slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS, rngs=nnx.Rngs(seed))
-    reference = torch_reference.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS)
+def model_pair(variants: dict, seed: int):
+    model = slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS[variants], rngs=nnx.Rngs(seed))
+    reference = torch_reference.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS[variants])
+    reference.load_state_dict({name: torch.from_numpy(value) for name, value in flax_to_torch(model).items()})
+    return model, reference
+
+
+def draw_options(variants: dict, rng: np.random.Generator) -> dict:
+    """The random call options of a variant model: initial positions and scales of invariant slots."""
+    if variants != "invariant_slots":
+        return {}
+    return dict(
+        initial_positions=rng.uniform(-1, 1, size=(2, 3, 2)).astype(np.float32),
+        initial_scales=rng.normal(0.1, 0.1, size=(2, 3, 2)).astype(np.float32),
+    )
+
+
+@pytest.mark.parametrize("variants", list(MODEL_VARIANTS))
+def test_variant_model_round_trips_and_matches_torch(variants, tmp_path, seed=0):
+    """Weights convert bit for bit both ways (learned queries and initial slots keep their name and layout); every
+    output agrees (keep decisions by argmax); torch_reference's save_model writes the variants, and load_model
+    builds them."""
+    model, reference = model_pair(variants, seed)
     weights = flax_to_torch(model)
-    assert weights["encoder.slot_attention.slots_queries"].shape == (1, 3, 8)
-    reference.load_state_dict({name: torch.from_numpy(value) for name, value in weights.items()})
     copy = torch_to_flax(
-        reference.state_dict(), slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS, rngs=nnx.Rngs(seed + 7))
+        reference.state_dict(),
+        slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS[variants], rngs=nnx.Rngs(seed + 7)),
     )
     returned = flax_to_torch(copy)
     assert returned.keys() == weights.keys()
     for name in weights:
         np.testing.assert_array_equal(returned[name], weights[name], err_msg=name)
 
-    images = np.random.default_rng(seed).uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
-    outputs = model(jnp.asarray(images), deterministic=True)
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+    options = draw_options(variants, rng)
+    outputs = model(jnp.asarray(images), deterministic=True, **options)
     loaded = torch_reference.load_model(torch_reference.save_model(reference, str(tmp_path / "model.safetensors")))
+    torch_options = {name: to_torch(value) for name, value in options.items()}
     with torch.no_grad():
-        expected = loaded(to_torch(images).permute(0, 3, 1, 2), deterministic=True)
+        expected = loaded(to_torch(images).permute(0, 3, 1, 2), deterministic=True, **torch_options)
     assert outputs.keys() == expected.keys()
     for key, value in expected.items():
         value = as_numpy(value.movedim(-3, -1)) if key in CHANNELS_FIRST else value
         assert_close(outputs[key], value, FORWARD_TOLERANCE, key)
 
 
-def test_variant_model_gradients_match_torch(seed=1):
-    """Every variant at once, keep decisions sampled with the same Gumbel noise: outputs, and the gradients of the
-    reconstruction error plus the mean keep decision (AdaSlot's loss, straight through the decisions)."""
-    model = slotjax.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS, rngs=nnx.Rngs(seed))
-    reference = torch_reference.SlotAutoencoder(**MODEL_OPTIONS, **MODEL_VARIANTS)
-    reference.load_state_dict({name: torch.from_numpy(value) for name, value in flax_to_torch(model).items()})
+@pytest.mark.parametrize("variants", list(MODEL_VARIANTS))
+def test_variant_model_gradients_match_torch(variants, seed=1):
+    """Keep decisions sampled with the same Gumbel noise: the gradients of the reconstruction error plus the mean
+    keep decision (AdaSlot's loss, straight through the decisions)."""
+    model, reference = model_pair(variants, seed)
     rng = np.random.default_rng(seed)
     images = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+    options = draw_options(variants, rng)
     noise = rng.gumbel(size=(2, 3, 2)).astype(np.float32)
     noise[:, 1, 0] += 30.0  # slot 1 dropped, whatever its logits
+    options["gumbel_noise"] = noise
 
     def loss_fn(model, images):
-        outputs = model(images, gumbel_noise=jnp.asarray(noise))
+        outputs = model(images, **options)
         return jnp.mean((outputs["reconstruction"] - images) ** 2) + jnp.mean(outputs["keep"])
 
     loss, jax_grads, (image_grad,) = jax_value_and_grads(model, loss_fn, jnp.asarray(images))
     torch_images = to_torch(images, requires_grad=True)
-    outputs = reference(torch_images.permute(0, 3, 1, 2), gumbel_noise=to_torch(noise))
+    outputs = reference(torch_images.permute(0, 3, 1, 2), **{name: to_torch(v) for name, v in options.items()})
     reconstruction = outputs["reconstruction"].permute(0, 2, 3, 1)
     torch_loss = ((reconstruction - torch_images) ** 2).mean() + outputs["keep"].mean()
     torch_loss.backward()
-    keep = model(jnp.asarray(images), gumbel_noise=jnp.asarray(noise))["keep"]
+    keep = model(jnp.asarray(images), **options)["keep"]
     np.testing.assert_array_equal(keep, as_numpy(outputs["keep"]))
     assert 0 < keep.sum() < keep.size  # slots kept and slots dropped
     assert_close(loss, torch_loss, FORWARD_TOLERANCE, "loss")

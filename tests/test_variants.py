@@ -9,6 +9,7 @@ from flax import nnx
 
 import slotjax
 from slotjax import kernels
+from slotjax.nn.invariant_slot_attention import InvariantSlotAttention, RelativePositionEmbed, position_grid
 from slotjax.nn.slot_attention import attend_heads, query_noise_schedule
 
 SIZES = dict(input_size=8, mlp_hidden_size=16)  # slot_size 16, 4 slots, 3 iterations
@@ -275,3 +276,51 @@ def test_adaptive_slots_gradient_is_straight_through():
     expected = jnp.sum(soft * (1 - soft))  # d soft_keep / d (logit_keep - logit_drop), summed
     np.testing.assert_allclose(output_bias_grad(noise), [-expected, expected], rtol=1e-5)
     assert not np.any(output_bias_grad(None))
+
+
+def test_invariant_slot_attention_positions_and_scales():
+    isa = InvariantSlotAttention(3, 8, (4, 5), input_size=6, mlp_hidden_size=8, grid_hidden_size=8, rngs=nnx.Rngs(0))
+    inputs = jax.random.normal(jax.random.key(0), (2, 20, 6))
+    slots, aux = isa(inputs, key=jax.random.key(1), return_attention=True)
+    assert slots.shape == (2, 3, 8) and aux["attention"].shape == (2, 4, 3, 20)
+    np.testing.assert_allclose(aux["attention"].sum(axis=2), 1.0, rtol=1e-5)  # softmax over the slots
+    # the last round's position and scale: mean and spread of the grid under the slot's normalised attention
+    grid = position_grid((4, 5))
+    weights = aux["attention"][:, -1] / (aux["attention"][:, -1].sum(axis=2, keepdims=True) + 1e-8)
+    np.testing.assert_allclose(aux["positions"], weights @ grid, rtol=1e-5, atol=1e-6)
+    spread = jnp.einsum("bkn,bknc->bkc", weights + 1e-8, (grid - aux["positions"][:, :, None]) ** 2)
+    np.testing.assert_allclose(aux["scales"], jnp.clip(jnp.sqrt(spread), 1e-3, 2.0), rtol=1e-5)
+    # initial positions ~ U[-1, 1], scales ~ N(0.1, 0.1) per axis
+    _, aux = isa(jnp.zeros((1000, 20, 6)), key=jax.random.key(2), num_iterations=1, return_attention=True)
+    positions, scales = np.asarray(aux["initial_positions"]), np.asarray(aux["initial_scales"])
+    assert positions.min() >= -1 and positions.max() <= 1 and abs(positions.std() - 1 / np.sqrt(3)) < 0.01
+    assert abs(scales.mean() - 0.1) < 0.005 and abs(scales.std() - 0.1) < 0.005
+
+    with pytest.raises(ValueError, match="num_slots=4 but invariant Slot Attention learns 3 initial slots"):
+        isa(inputs, num_slots=4)
+    with pytest.raises(ValueError, match="inputs hold 12 cells but this module's grid is 4x5"):
+        isa(inputs[:, :12])
+
+
+def test_decoder_sees_the_grid_from_each_slot():
+    """A slot at a grid cell with scale s sees that cell at 0 and its neighbour one cell (2 / (W - 1)) away at
+    2 / (W - 1) / (5 s)."""
+    embed = RelativePositionEmbed(4, (3, 3), rngs=nnx.Rngs(0))
+    positions = jnp.asarray([[[0.0, 0.0], [-1.0, 1.0]]])  # the centre cell, the top-right cell: [1, 2, 2]
+    scales = jnp.asarray([[[0.2, 0.2], [0.1, 0.4]]])
+    embedded = embed(jnp.zeros((2, 3, 3, 4)), positions, scales)  # [B * K, H, W, 4]
+    kernel, bias = embed.dense.kernel[...], embed.dense.bias[...]
+    np.testing.assert_allclose(embedded[0, 1, 1], bias, atol=1e-6)
+    np.testing.assert_allclose(embedded[0, 1, 2], bias + jnp.asarray([0.0, 1.0]) @ kernel, rtol=1e-5)
+    np.testing.assert_allclose(embedded[1, 0, 2], bias, atol=1e-6)
+    np.testing.assert_allclose(embedded[1, 1, 2], bias + jnp.asarray([2.0, 0.0]) @ kernel, rtol=1e-5)
+
+
+def test_invariant_slots_in_the_autoencoder():
+    model = slotjax.SlotAutoencoder(**ADAPTIVE, invariant_slots=True, rngs=nnx.Rngs(0))
+    assert model.encoder.encoder_pos is None  # no absolute positions
+    outputs = model(jnp.zeros((2, 16, 16, 3)), key=jax.random.key(0))
+    assert outputs["positions"].shape == outputs["scales"].shape == (2, 4, 2)
+    assert outputs["attention"].shape == (2, 4, 4, 256)
+    with pytest.raises(ValueError, match="Invariant Slot Attention, which has no learned_queries, num_heads"):
+        slotjax.SlotAutoencoder(**ADAPTIVE, invariant_slots=True, num_heads=2, learned_queries=True, rngs=nnx.Rngs(0))

@@ -6,6 +6,7 @@ arguments. Images are NHWC in [-1, 1].
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -14,6 +15,7 @@ from flax import nnx
 
 from slotjax.data.encoding import OBJECT_SIZE
 from slotjax.nn.adaptive_slots import KeepPredictor, drop_slots
+from slotjax.nn.invariant_slot_attention import InvariantSlotAttention, RelativePositionEmbed
 from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense, layer_norm
 from slotjax.nn.slot_attention import SlotAttention
 
@@ -82,7 +84,8 @@ class SlotEncoder(nnx.Module):
     """CNN -> position embedding -> flatten -> LayerNorm -> MLP -> Slot Attention (shared by both models).
 
     `slot_attention_variants` go to `SlotAttention` (implicit_gradients, learned_queries, num_heads,
-    attention_normalisation; docs/variants.md).
+    attention_normalisation; docs/variants.md). With `invariant_slots`, Invariant Slot Attention replaces it, and
+    the features get no absolute position embedding (the slots see positions relative to their own).
     """
 
     def __init__(
@@ -96,28 +99,34 @@ class SlotEncoder(nnx.Module):
         mlp_hidden_size: int,
         *,
         rngs: nnx.Rngs,
+        invariant_slots: bool = False,
         **slot_attention_variants,
     ):
         self.resolution = resolution
         grid = resolution // math.prod(strides)
         self.encoder_cnn = EncoderCNN(encoder_features, strides, rngs=rngs)
-        self.encoder_pos = SoftPositionEmbed(encoder_features, (grid, grid), rngs=rngs)
+        self.encoder_pos = None if invariant_slots else SoftPositionEmbed(encoder_features, (grid, grid), rngs=rngs)
         self.layer_norm = layer_norm(encoder_features, LAYER_NORM_EPSILON, rngs)
         self.mlp = MLP(encoder_features, encoder_features, encoder_features, rngs=rngs)
-        self.slot_attention = SlotAttention(
-            num_slots,
-            slot_size,
-            input_size=encoder_features,
-            num_iterations=num_iterations,
-            mlp_hidden_size=mlp_hidden_size,
-            rngs=rngs,
-            **slot_attention_variants,
-        )
+        sizes = dict(input_size=encoder_features, num_iterations=num_iterations, mlp_hidden_size=mlp_hidden_size)
+        if invariant_slots:
+            defaults = inspect.signature(SlotAttention.__init__).parameters
+            changed = sorted(name for name, value in slot_attention_variants.items() if value != defaults[name].default)
+            if changed:
+                raise ValueError(
+                    f"invariant_slots=True replaces Slot Attention by Invariant Slot Attention, which has no "
+                    f"{', '.join(changed)}: leave them at their defaults."
+                )
+            self.slot_attention = InvariantSlotAttention(num_slots, slot_size, (grid, grid), **sizes, rngs=rngs)
+        else:
+            self.slot_attention = SlotAttention(num_slots, slot_size, **sizes, rngs=rngs, **slot_attention_variants)
 
     def tokens(self, images: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> [B, N, C]: the inputs Slot Attention attends to, one per grid cell, row-major."""
         check_images(images, self.resolution)
-        features = self.encoder_pos(self.encoder_cnn(images))
+        features = self.encoder_cnn(images)
+        if self.encoder_pos is not None:
+            features = self.encoder_pos(features)
         batch_size, height, width, channels = features.shape
         features = features.reshape(batch_size, height * width, channels)
         return self.mlp(self.layer_norm(features))
@@ -138,6 +147,11 @@ class SlotAutoencoder(nnx.Module):
     adaptive_slots (AdaSlot): each slot is kept or dropped, and dropped slots get no share of the masks; the
     outputs add keep [B, K] (1 kept, 0 dropped). The decision is a Gumbel sample in training (noise drawn from
     `key`, or the `gumbel_noise` [B, K, 2] given), the more likely choice with `deterministic=True` (evaluation).
+
+    invariant_slots (Invariant Slot Attention, translation and scale): slots with positions and scales, each
+    decoded over the grid as it sees it; the outputs add positions and scales [B, K, 2] (y, x, in [-1, 1] image
+    coordinates) and the attention has T + 1 rounds. Call options: num_iterations, key, initial_positions,
+    initial_scales.
     """
 
     def __init__(
@@ -157,6 +171,7 @@ class SlotAutoencoder(nnx.Module):
         num_heads: int = 1,
         attention_normalisation: str = "mean",
         adaptive_slots: bool = False,
+        invariant_slots: bool = False,
         rngs: nnx.Rngs,
     ):
         num_upsamples = math.log2(resolution / broadcast_resolution) if resolution >= broadcast_resolution else 0.5
@@ -181,8 +196,11 @@ class SlotAutoencoder(nnx.Module):
             learned_queries=learned_queries,
             num_heads=num_heads,
             attention_normalisation=attention_normalisation,
+            invariant_slots=invariant_slots,
         )
-        self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
+        self.invariant_slots = bool(invariant_slots)
+        position_embed = RelativePositionEmbed if invariant_slots else SoftPositionEmbed
+        self.decoder_pos = position_embed(slot_size, (broadcast_resolution,) * 2, rngs=rngs)
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, int(num_upsamples), rngs=rngs)
         self.adaptive_slots = bool(adaptive_slots)
         if adaptive_slots:
@@ -209,11 +227,16 @@ class SlotAutoencoder(nnx.Module):
             slots.reshape(-1, 1, 1, slot_size), (batch_size * num_slots, size, size, slot_size)
         )
         decode = nnx.remat(DecoderCNN.__call__) if self.remat_decoder else DecoderCNN.__call__
-        decoded = decode(self.decoder_cnn, self.decoder_pos(broadcast))  # [B * K, H, W, 4]
+        positioned = (
+            self.decoder_pos(broadcast, aux["positions"], aux["scales"])
+            if self.invariant_slots
+            else self.decoder_pos(broadcast)
+        )
+        decoded = decode(self.decoder_cnn, positioned)  # [B * K, H, W, 4]
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
         slot_reconstructions, alpha_logits = decoded[..., :3].astype(jnp.float32), decoded[..., 3:]
         masks = jax.nn.softmax(alpha_logits.astype(jnp.float32), axis=1)
-        outputs = {}
+        outputs = {name: aux[name] for name in ("positions", "scales") if self.invariant_slots}
         if self.adaptive_slots:
             if not deterministic and gumbel_noise is None:  # one key draws the initial slots, one the noise
                 key = slot_attention_options.get("key")

@@ -8,13 +8,19 @@ import torch
 from torch import nn
 
 from torch_reference.nn.adaptive_slots import KeepPredictor, drop_slots, sample_gumbel
+from torch_reference.nn.invariant_slot_attention import InvariantSlotAttention, RelativePositionEmbed
 from torch_reference.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense
 from torch_reference.nn.slot_attention import SlotAttention
 
 OBJECT_SIZE = 19  # values per object of the set-prediction target (docs/target_encoding.md)
 # The variants (docs/variants.md) at their settings that give the paper's models
 PAPER = dict(
-    implicit_gradients=False, learned_queries=False, num_heads=1, attention_normalisation="mean", adaptive_slots=False
+    implicit_gradients=False,
+    learned_queries=False,
+    num_heads=1,
+    attention_normalisation="mean",
+    adaptive_slots=False,
+    invariant_slots=False,
 )
 
 
@@ -76,26 +82,30 @@ class SlotEncoder(nn.Module):
         slot_size,
         num_iterations,
         mlp_hidden_size,
+        invariant_slots=False,
         **slot_attention_variants,
     ):
         super().__init__()
         grid = resolution // math.prod(strides)
         self.encoder_cnn = EncoderCNN(encoder_features, strides)
-        self.encoder_pos = SoftPositionEmbed(encoder_features, (grid, grid))
+        self.encoder_pos = None if invariant_slots else SoftPositionEmbed(encoder_features, (grid, grid))
         self.layer_norm = nn.LayerNorm(encoder_features, eps=LAYER_NORM_EPSILON)
         self.mlp = MLP(encoder_features, encoder_features, encoder_features)
-        self.slot_attention = SlotAttention(
-            num_slots,
-            slot_size,
-            input_size=encoder_features,
-            num_iterations=num_iterations,
-            mlp_hidden_size=mlp_hidden_size,
-            **slot_attention_variants,
-        )
+        sizes = dict(input_size=encoder_features, num_iterations=num_iterations, mlp_hidden_size=mlp_hidden_size)
+        if invariant_slots:
+            if paper_differences(slot_attention_variants):
+                raise ValueError(
+                    f"Invariant Slot Attention has no {', '.join(paper_differences(slot_attention_variants))}."
+                )
+            self.slot_attention = InvariantSlotAttention(num_slots, slot_size, (grid, grid), **sizes)
+        else:
+            self.slot_attention = SlotAttention(num_slots, slot_size, **sizes, **slot_attention_variants)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, N, C]: the inputs Slot Attention attends to, one per grid cell, row-major."""
-        features = self.encoder_pos(self.encoder_cnn(images))
+        features = self.encoder_cnn(images)
+        if self.encoder_pos is not None:
+            features = self.encoder_pos(features)
         features = features.permute(0, 2, 3, 1).flatten(1, 2)
         return self.mlp(self.layer_norm(features))
 
@@ -122,6 +132,7 @@ class SlotAutoencoder(nn.Module):
         num_heads=1,
         attention_normalisation="mean",
         adaptive_slots=False,
+        invariant_slots=False,
     ):
         super().__init__()
         variants = dict(
@@ -139,7 +150,7 @@ class SlotAutoencoder(nn.Module):
             decoder_features=decoder_features,
             mlp_hidden_size=mlp_hidden_size,
             broadcast_resolution=broadcast_resolution,
-            **paper_differences(variants, adaptive_slots=adaptive_slots),
+            **paper_differences(variants, adaptive_slots=adaptive_slots, invariant_slots=invariant_slots),
         )  # what `save_model` writes for `load_model` (variants only where they differ from the paper)
         self.broadcast_resolution = broadcast_resolution
         self.encoder = SlotEncoder(
@@ -150,9 +161,12 @@ class SlotAutoencoder(nn.Module):
             slot_size,
             num_iterations,
             mlp_hidden_size,
+            invariant_slots=invariant_slots,
             **variants,
         )
-        self.decoder_pos = SoftPositionEmbed(slot_size, (broadcast_resolution,) * 2)
+        self.invariant_slots = invariant_slots
+        position_embed = RelativePositionEmbed if invariant_slots else SoftPositionEmbed
+        self.decoder_pos = position_embed(slot_size, (broadcast_resolution,) * 2)
         num_upsamples = int(math.log2(resolution // broadcast_resolution))
         self.decoder_cnn = DecoderCNN(slot_size, decoder_features, num_upsamples)
         self.adaptive_slots = adaptive_slots
@@ -166,11 +180,15 @@ class SlotAutoencoder(nn.Module):
         batch_size, num_slots, slot_size = slots.shape
         size = self.broadcast_resolution
         broadcast = slots.reshape(-1, slot_size, 1, 1).expand(-1, -1, size, size)
-        decoded = self.decoder_cnn(self.decoder_pos(broadcast))  # [B * K, 4, H, W]
+        if self.invariant_slots:
+            broadcast = self.decoder_pos(broadcast, aux["positions"], aux["scales"])
+        else:
+            broadcast = self.decoder_pos(broadcast)
+        decoded = self.decoder_cnn(broadcast)  # [B * K, 4, H, W]
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
         slot_reconstructions, alpha_logits = decoded[:, :, :3], decoded[:, :, 3:]
         masks = torch.softmax(alpha_logits, dim=1)
-        outputs = {}
+        outputs = {name: aux[name] for name in ("positions", "scales") if self.invariant_slots}
         if self.adaptive_slots:
             if not deterministic and gumbel_noise is None:
                 generator = slot_attention_options.get("generator")
