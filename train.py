@@ -9,6 +9,9 @@ embedded scenes, official on real data). Every config field can be overridden: -
 Rerunning the same command with the same --workdir resumes from the last checkpoint; a work directory with
 checkpoints keeps the config saved with them (flags may change what leaves the model as it is). Errors are one
 line; Ctrl-C or SIGTERM saves a checkpoint and exits 130 or 143 (slotjax/train/cli.py).
+
+Config fields (--config.FIELD=VALUE) and their defaults, per task: the cpu preset / the official preset (one
+value where they agree; --task and --preset set `task` and `preset`):
 """
 
 import os
@@ -77,6 +80,31 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes (hosts) taking part (default: from the cluster).")
 flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1 (default: from the cluster).")
+
+
+def config_fields_help() -> str:
+    """One line per config field with its defaults, for --help: `field  discovery 16 / 64, set_prediction 32 / 512`
+    (cpu / official), one value where presets or tasks agree, only the tasks that have the field."""
+    presets = ("cpu", "official")
+    defaults = {task: [configs.get_config(task, preset) for preset in presets] for task in TASKS}
+    names = sorted({name for task_configs in defaults.values() for name in task_configs[0]} - {"task", "preset"})
+    lines = []
+    for name in names:
+        per_task = {}
+        for task, task_configs in defaults.items():
+            if name in task_configs[0]:
+                values = list(dict.fromkeys(str(config[name]) or "''" for config in task_configs))
+                per_task[task] = " / ".join(values)
+        shown = set(per_task.values())
+        if len(shown) == 1 and len(per_task) == len(defaults):
+            text = shown.pop()
+        else:
+            text = ", ".join(f"{task} {values}" for task, values in per_task.items())
+        lines.append(f"  {name:<26}{text}")
+    return "\n".join(lines) + "\n"
+
+
+__doc__ += config_fields_help()
 
 if __name__ == "__main__":
     app.run(cli.main, flags_parser=cli.parse_flags)
