@@ -1,5 +1,7 @@
 # Two commands do all the set-up: `make run` and `make test` each create and
-# fill the virtual environment .venv on first use (and again when pyproject.toml changes).
+# fill the virtual environment .venv on first use (and again when pyproject.toml changes):
+# `make run` with the package alone (training needs no torch), `make test`, `make lint` and
+# `make bench` with the dev extra too (torch, pytest, ruff).
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 ARGS ?=
@@ -15,13 +17,17 @@ HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: run test lint bench
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed-package: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e . $(PIP_ARGS)
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-package
 	$(PYTHON) -m pip install --quiet -e ".[dev]" $(PIP_ARGS)
 	touch $@
 
-run: $(VENV)/.installed
+run: $(VENV)/.installed-package
 	$(PYTHON) train.py --task=discovery $(ARGS)
 
 test: $(VENV)/.installed
