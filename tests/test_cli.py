@@ -13,6 +13,7 @@ import pytest
 from slotjax import configs, convert, cpu_devices
 from slotjax.train import runs, trainer
 from slotjax.train import step as steps
+from tests import fuzz
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +121,32 @@ def test_eval_uses_the_config_saved_with_the_checkpoint(tmp_path):
     assert "eval test at step 3: " in out and "Traceback" not in err
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [(row["step"], row["split"]) for row in rows] == [(3, "test")]
+
+
+@pytest.mark.slow  # three processes: an 8-device training run, a conversion, an evaluation
+def test_a_checkpoint_of_eight_devices_converts_and_evaluates_with_one(tmp_path):
+    """Restoring builds the state from the config alone (no device mesh), and the devices are the machine's: a run
+    on 8 devices (--config.num_devices=8) converts and evaluates in a process with one."""
+    run = str(tmp_path / "run")
+    flags = fuzz.tiny_flags(num_train_steps=2, checkpoint_every=2, num_devices=8, cpu_devices=8)
+    out, err = train_py(f"--workdir={run}", *flags).communicate(timeout=600)
+    assert "data-parallel over 8 CPU device(s), 1 examples each" in out, err[-3000:]
+    one_device = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    weights = str(tmp_path / "model.safetensors")
+    converted = subprocess.run(
+        [sys.executable, "-m", "slotjax.convert", f"--workdir={run}", f"--output={weights}"],
+        cwd=REPO,
+        env=one_device,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert converted.returncode == 0 and converted.stdout.strip() == f"Wrote {weights}", converted.stderr[-3000:]
+    process = train_py("--mode=eval", f"--workdir={run}", "--config.cpu_devices=1", "--split=test")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0 and "eval test at step 2: " in out, err[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [(row["step"], row["split"]) for row in rows if row["split"] == "test"] == [(2, "test")]
 
 
 def test_ctrl_c_while_starting_prints_one_line_and_exits_130(tmp_path):
