@@ -34,7 +34,7 @@ class MeanColour(Task):
     def build_model(self, config, rngs):
         return MeanColourModel(rngs)
 
-    def loss(self, outputs, batch):
+    def loss(self, outputs, batch, config):
         return jnp.mean(self.scores(outputs, batch)["loss"])
 
     def scores(self, outputs, batch):
@@ -87,4 +87,6 @@ def test_each_task_scores_its_loss_per_example(task):
     record = TASKS[task]
     batch = next(pipeline.train_batches(config, 0))
     outputs = build_model(config)(jnp.asarray(batch["image"]), key=jax.random.key(0))
-    np.testing.assert_allclose(record.loss(outputs, batch), record.scores(outputs, batch)["loss"].mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        record.loss(outputs, batch, config), record.scores(outputs, batch)["loss"].mean(), rtol=1e-6
+    )

@@ -125,7 +125,7 @@ def test_set_prediction_with_as_many_slots_as_objects_matches_the_first_rows():
     outputs = steps.build_model(config)(batch["image"], key=jax.random.key(0))
     assert outputs["predictions"].shape[1] == 3 and batch["target"].shape[1] == 10
     assert np.all(batch["target"][:, 3:] == 0) and np.all(batch["target"][:, :3, 18] == 1)
-    loss = SET_PREDICTION.loss(outputs, batch)
+    loss = SET_PREDICTION.loss(outputs, batch, config)
     np.testing.assert_allclose(loss, losses.hungarian_huber_loss(outputs["predictions"], batch["target"][:, :3]))
 
 

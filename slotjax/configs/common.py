@@ -36,6 +36,12 @@ def common(preset: str) -> ml_collections.ConfigDict:
     config.nonfinite_skip_limit = 10  # with "skip": stop after this many non-finite batches in a row
     config.compute_dtype = "float32"  # "bfloat16": mixed precision (float32 parameters, softmax, normalisations)
     config.remat_decoder = False  # recompute the decoder's activations in the backward pass (less memory)
+    # Slot Attention's variants (docs/variants.md); each default is the paper's module.
+    config.implicit_gradients = False  # gradients through the last iteration only (Chang et al., 2022)
+    config.learned_queries = False  # learned initial slots, straight-through to them (BO-QSA, Jia et al., 2023)
+    config.query_noise_anneal_steps = 0  # learned queries: training noise on them, 1 -> 0 over this many steps
+    config.num_heads = 1  # heads of the attention step
+    config.attention_normalisation = "mean"  # "mean" over the inputs (the paper) or "scaled_sum" (Krimmel et al.)
     # Embedded data set: objects per scene (the data set itself, not the model).
     config.min_objects = 2
     config.max_objects = 6

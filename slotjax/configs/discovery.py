@@ -20,6 +20,10 @@ def get_config(preset: str = "official") -> ml_collections.ConfigDict:
     config.decay_steps = 100_000
     config.num_slots = 7
     config.decoder_features = 64
+    config.adaptive_slots = False  # AdaSlot (Fan et al., 2024): the model keeps or drops each slot (docs/variants.md)
+    config.keep_loss_weight = 10.0  # adaptive slots: weight of the share of slots kept, as AdaSlot's on CLEVR10
+    # Invariant Slot Attention (Biza et al., 2023): slots with positions and scales, each decoded in its own frame
+    config.invariant_slots = False
     config.eval_every = 5_000
     config.checkpoint_every = 5_000
     if preset == "cpu":

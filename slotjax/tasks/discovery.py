@@ -3,6 +3,9 @@ segmentation (docs/architecture.md)."""
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import ml_collections
 import numpy as np
@@ -21,7 +24,7 @@ PICTURED = ("reconstruction", "masks", "slot_reconstructions")
 
 class Discovery(Task):
     name = "discovery"
-    model_fields = ("decoder_features",)
+    model_fields = ("decoder_features", "adaptive_slots", "invariant_slots")
     torch_model = "SlotAutoencoder"
     datasets = ("scenes", *DATASETS)
     data = DataNeeds(clevr_max_objects=CLEVR6_MAX_OBJECTS, clevr_crop=True)  # CLEVR6, cropped as the official code
@@ -30,9 +33,19 @@ class Discovery(Task):
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SlotAutoencoder:
         return SlotAutoencoder(**self.model_arguments(config), remat_decoder=config.remat_decoder, rngs=rngs)
 
-    def loss(self, outputs: dict, batch: dict) -> jax.Array:
-        """MSE over B x H x W x C."""
-        return losses.mse_loss(outputs["reconstruction"], batch["image"])
+    def forward(self, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict, key: jax.Array, step=None):
+        """As every task's; adaptive slots are sampled in training and decided by the likelier choice in evaluation."""
+        if not config.adaptive_slots:
+            return super().forward(config, model, batch, key, step)
+        return super().forward(config, functools.partial(model, deterministic=step is None), batch, key, step)
+
+    def loss(self, outputs: dict, batch: dict, config: ml_collections.ConfigDict) -> jax.Array:
+        """MSE over B x H x W x C; with adaptive slots plus keep_loss_weight times the share of slots kept, divided by
+        H x W x C (AdaSlot's weight on a per-image sum of squared errors)."""
+        mse = losses.mse_loss(outputs["reconstruction"], batch["image"])
+        if not config.adaptive_slots:
+            return mse
+        return mse + config.keep_loss_weight * outputs["keep"].mean() / math.prod(batch["image"].shape[1:])
 
     def scores(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:
         """Each image's MSE (as "loss" and "mse"), and its FG-ARI, ARI and mBO where the batch has a segmentation
@@ -43,6 +56,8 @@ class Discovery(Task):
             scores["fg_ari"] = metrics.fg_ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
             scores["ari"] = metrics.ari_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
             scores["mbo"] = metrics.mbo_from_masks(batch["segmentation"], outputs["masks"], MAX_ENTITIES)
+        if "keep" in outputs:  # adaptive slots
+            scores["kept_slots"] = outputs["keep"].sum(axis=1)
         return scores
 
     def pictured(self, outputs: dict, batch: dict) -> dict[str, jax.Array]:

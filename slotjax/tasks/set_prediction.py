@@ -28,7 +28,7 @@ class SetPrediction(Task):
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> SetPredictor:
         return SetPredictor(**self.model_arguments(config), rngs=rngs)
 
-    def loss(self, outputs: dict, batch: dict) -> jax.Array:
+    def loss(self, outputs: dict, batch: dict, config: ml_collections.ConfigDict) -> jax.Array:
         """The Hungarian-matched Huber loss, averaged over the batch."""
         return losses.hungarian_huber_loss(*matched_sets(outputs, batch))
 

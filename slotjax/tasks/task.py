@@ -17,13 +17,25 @@ import numpy as np
 from flax import nnx
 
 from slotjax.data.encoding import MAX_OBJECTS
+from slotjax.nn.slot_attention import query_noise_schedule
 
 # Config fields every model takes as constructor arguments (named alike in torch_reference).
 MODEL_ARGUMENTS = ("resolution", "num_slots", "num_iterations", "slot_size", "encoder_features", "mlp_hidden_size")
+# Slot Attention's variants (docs/variants.md), constructor arguments of both models; the defaults are the paper's.
+VARIANT_ARGUMENTS = ("implicit_gradients", "learned_queries", "num_heads", "attention_normalisation")
 # Config fields that shape every model's parameters: a checkpoint belongs to a model with the same values
 # (`slotjax.train.runs.model_differences`); a task adds its own in `Task.model_fields`. Training settings (batch
 # size, learning rate, clipping, ...) and the numbers of slots and iterations, which are no parameters, are not here.
-MODEL_FIELDS = ("task", "resolution", "slot_size", "encoder_features", "mlp_hidden_size")
+MODEL_FIELDS = (
+    "task",
+    "resolution",
+    "slot_size",
+    "encoder_features",
+    "mlp_hidden_size",
+    "learned_queries",  # then num_slots is a parameter's shape too (`slotjax.train.runs.model_fields`)
+    "num_heads",
+    "attention_normalisation",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +59,7 @@ class Task(abc.ABC):
 
     def model_arguments(self, config: ml_collections.ConfigDict) -> dict:
         """The constructor arguments of the model (and of its torch_reference twin) that `config` asks for."""
-        return {name: config[name] for name in MODEL_ARGUMENTS + self.model_fields}
+        return {name: config[name] for name in MODEL_ARGUMENTS + VARIANT_ARGUMENTS + self.model_fields}
 
     @abc.abstractmethod
     def build_model(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module:
@@ -55,11 +67,14 @@ class Task(abc.ABC):
 
     def forward(self, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict, key: jax.Array, step=None):
         """The model's outputs on a batch; `key` draws the initial slots, `step` is the training step (None when
-        evaluating)."""
-        return model(batch["image"], key=key)
+        evaluating): with learned queries, it sets the annealed training noise on them."""
+        options = {}
+        if step is not None and config.learned_queries and config.query_noise_anneal_steps:
+            options["query_noise"] = query_noise_schedule(step, config.query_noise_anneal_steps)
+        return model(batch["image"], key=key, **options)
 
     @abc.abstractmethod
-    def loss(self, outputs: dict, batch: dict) -> jax.Array:
+    def loss(self, outputs: dict, batch: dict, config: ml_collections.ConfigDict) -> jax.Array:
         """The training loss of a batch (a scalar)."""
 
     @abc.abstractmethod

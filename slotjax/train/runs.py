@@ -15,6 +15,7 @@ import ml_collections
 
 from slotjax import configs
 from slotjax.data.files import DATASETS
+from slotjax.nn.slot_attention import ATTENTION_NORMALISATIONS
 from slotjax.tasks import MODEL_FIELDS, TASKS, task_named, task_of
 from slotjax.train.optim import ADAM_EPSILONS
 
@@ -35,8 +36,9 @@ POSITIVE_FIELDS = (  # of either task's config
     "decoder_features",
     "mlp_hidden_size",
     "head_hidden_size",
+    "num_heads",
 )
-NON_NEGATIVE_FIELDS = ("num_train_steps", "num_devices", "cpu_devices")
+NON_NEGATIVE_FIELDS = ("num_train_steps", "num_devices", "cpu_devices", "query_noise_anneal_steps")
 MACHINE_FIELDS = ("num_devices", "cpu_devices")  # the devices of the machine that runs, not of the run
 CONFIG_FILE = os.path.join("config", "metadata")  # in a checkpoint's step directory
 
@@ -82,8 +84,9 @@ def config_from_checkpoint(checkpoints, step: int) -> ml_collections.ConfigDict:
 
 
 def model_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The config fields that shape the parameters of the config's model."""
-    return MODEL_FIELDS + task_of(config).model_fields
+    """The config fields that shape the config's model: its parameters and the variants it computes. The number
+    of slots is one where the slots are learned queries (one parameter each), else a test-time setting."""
+    return MODEL_FIELDS + task_of(config).model_fields + (("num_slots",) if config.get("learned_queries") else ())
 
 
 def model_differences(saved: Mapping[str, object], config: ml_collections.ConfigDict) -> str:
@@ -126,6 +129,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
         ("compute_dtype", COMPUTE_DTYPES),
         ("nonfinite_loss", NONFINITE_POLICIES),
         ("adam_epsilon", ADAM_EPSILONS),
+        ("attention_normalisation", ATTENTION_NORMALISATIONS),
     ]
     for name, values in choices:
         if config[name] not in values:
@@ -134,6 +138,11 @@ def check_config(config: ml_collections.ConfigDict, device_count: int | None = N
         raise ValueError(
             f"grad_clip_norm={config.grad_clip_norm!r} is not a norm: set --config.grad_clip_norm to 0 (no clipping) "
             "or a positive number."
+        )
+    if config.slot_size % config.num_heads:
+        raise ValueError(
+            f"slot_size={config.slot_size} does not split into num_heads={config.num_heads} heads of equal size: "
+            "set --config.num_heads to a divisor of slot_size."
         )
     task.check_config(config)
     for name in ("batch_size", "eval_batch_size") if device_count else ():

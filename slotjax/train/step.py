@@ -97,7 +97,7 @@ def training_loss(
     task: Task, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict, key: jax.Array, step: jax.Array
 ) -> jax.Array:
     """The task's training loss of `model` on a batch at training `step` (`key` draws the initial slots)."""
-    return task.loss(task.forward(config, model, batch, key, step), batch)
+    return task.loss(task.forward(config, model, batch, key, step), batch, config)
 
 
 def evaluation(task: Task, config: ml_collections.ConfigDict, model: nnx.Module, batch: dict) -> tuple[dict, dict]:
