@@ -17,6 +17,8 @@ import os
 import struct
 import zlib
 
+from slotjax.data.encoding import MAX_OBJECTS
+
 DATASETS = ("clevr", "clevr_with_masks", "multi_dsprites", "tetrominoes", "objects_room")
 SPLITS = ("train", "train_eval", "validation", "test")
 CLEVR6_MAX_OBJECTS = 6  # the paper's CLEVR6: CLEVR scenes with at most 6 objects
@@ -63,6 +65,11 @@ class CorruptRecordError(ValueError):
 
 class DatasetTooSmallError(ValueError):
     """A data file holds fewer records than the splits need."""
+
+
+def most_objects(config) -> int:
+    """The most objects a scene of the config's data set holds: the embedded scenes' setting, up to 10 in CLEVR."""
+    return config.max_objects if config.dataset == "scenes" else MAX_OBJECTS
 
 
 def is_remote(path: str) -> bool:

@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from slotjax.data import files, scenes
-from slotjax.data.encoding import MAX_OBJECTS
 
 
 def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.ndarray]:
@@ -56,11 +55,6 @@ def check_batch(batch: dict[str, np.ndarray], resolution: int) -> dict[str, np.n
         if not np.isfinite(targets).all():
             raise ValueError("targets contain NaN or inf; check the data set files.")
     return batch
-
-
-def most_objects(config) -> int:
-    """The most objects a scene of the config's data set holds: the embedded scenes' setting, up to 10 in CLEVR."""
-    return config.max_objects if config.dataset == "scenes" else MAX_OBJECTS
 
 
 def data_needs(config, splits: Sequence[str]) -> dict[str, int]:

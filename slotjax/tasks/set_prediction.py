@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from slotjax import visualize
-from slotjax.data import pipeline
+from slotjax.data.files import most_objects
 from slotjax.nn.models import SetPredictor
 from slotjax.tasks.task import DataNeeds, Task
 from slotjax.train import losses, metrics
@@ -48,7 +48,7 @@ class SetPrediction(Task):
         return visualize.set_prediction_grid(pictured["image"], pictured["predictions"], pictured["target"])
 
     def check_config(self, config: ml_collections.ConfigDict) -> None:
-        most = pipeline.most_objects(config)
+        most = most_objects(config)
         if config.num_slots < most:
             raise ValueError(
                 f"num_slots={config.num_slots} is below the {most} objects a scene of {config.dataset!r} may "
