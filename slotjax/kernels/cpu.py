@@ -152,7 +152,8 @@ def kernel_grad(images, kernel, stride, padding, output_grad):
         jax.vjp(lambda w: xla.conv(images[:, index], w, stride, padding), kernel)[1](output_grad[:, index])[0]
         for index in range(chunks)
     ]
-    return functools.reduce(jnp.add, [grad.astype(jnp.float32) for grad in grads]).astype(kernel.dtype)
+    accumulator = jnp.promote_types(kernel.dtype, jnp.float32)  # bfloat16 chunks summed in float32, float64 in float64
+    return functools.reduce(jnp.add, [grad.astype(accumulator) for grad in grads]).astype(kernel.dtype)
 
 
 def transposed_conv_as_conv(kernel: jax.Array, stride: int) -> tuple[jax.Array, Padding]:

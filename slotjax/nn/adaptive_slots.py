@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, layer_norm
+from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, at_least_float32, layer_norm
 
 MASK_EPSILON = 1e-5  # AdaSlot's: keeps the renormalised masks finite where every slot is dropped
 
@@ -30,7 +30,7 @@ class KeepPredictor(nnx.Module):
         logits + noise, whose gradient is that of the soft sample softmax(logits + noise) (straight-through;
         written so that the value is exactly 0 or 1). Without (evaluation): the more likely choice, no gradient.
         """
-        logits = self.mlp(self.norm(slots)).astype(jnp.float32)  # [B, K, 2]: (drop, keep)
+        logits = at_least_float32(self.mlp(self.norm(slots)))  # [B, K, 2]: (drop, keep)
         if gumbel_noise is None:
             return (logits[..., 1] > logits[..., 0]).astype(jnp.float32)
         perturbed = logits + gumbel_noise

@@ -116,6 +116,12 @@ class ConvTranspose(nnx.Module):
         return kernels.conv_transpose(images, kernel, self.stride) + bias
 
 
+def at_least_float32(x: jax.Array) -> jax.Array:
+    """`x` in float32, or in its own dtype where that is wider: what mixed precision keeps in float32 (softmaxes,
+    the outputs) stays float64 in a float64 model (`jax_enable_x64`)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def set_compute_dtype(model: nnx.Module, dtype) -> nnx.Module:
     """Mixed precision: Dense and conv layers compute in `dtype` (e.g. bfloat16), in place.
 

@@ -16,7 +16,7 @@ from flax import nnx
 from slotjax.data.encoding import OBJECT_SIZE
 from slotjax.nn.adaptive_slots import KeepPredictor, drop_slots
 from slotjax.nn.invariant_slot_attention import InvariantSlotAttention, RelativePositionEmbed
-from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, dense, layer_norm
+from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, Conv, ConvTranspose, at_least_float32, dense, layer_norm
 from slotjax.nn.slot_attention import SlotAttention
 
 
@@ -234,8 +234,8 @@ class SlotAutoencoder(nnx.Module):
         )
         decoded = decode(self.decoder_cnn, positioned)  # [B * K, H, W, 4]
         decoded = decoded.reshape(batch_size, num_slots, *decoded.shape[1:])
-        slot_reconstructions, alpha_logits = decoded[..., :3].astype(jnp.float32), decoded[..., 3:]
-        masks = jax.nn.softmax(alpha_logits.astype(jnp.float32), axis=1)
+        slot_reconstructions, alpha_logits = at_least_float32(decoded[..., :3]), decoded[..., 3:]
+        masks = jax.nn.softmax(at_least_float32(alpha_logits), axis=1)
         outputs = {name: aux[name] for name in ("positions", "scales") if self.invariant_slots}
         if self.adaptive_slots:
             if not deterministic and gumbel_noise is None:  # one key draws the initial slots, one the noise
@@ -298,5 +298,5 @@ class SetPredictor(nnx.Module):
 
     def __call__(self, images: jax.Array, **slot_attention_options) -> dict[str, jax.Array]:
         slots, aux = self.encoder(images, **slot_attention_options)
-        predictions = jax.nn.sigmoid(self.mlp_classifier(slots).astype(jnp.float32))
+        predictions = jax.nn.sigmoid(at_least_float32(self.mlp_classifier(slots)))
         return {"predictions": predictions, "slots": slots, "attention": aux["attention"]}

@@ -16,7 +16,15 @@ import numpy as np
 from flax import nnx
 
 from slotjax import kernels
-from slotjax.nn.layers import LAYER_NORM_EPSILON, MLP, GRUCell, dense, glorot_uniform, layer_norm
+from slotjax.nn.layers import (
+    LAYER_NORM_EPSILON,
+    MLP,
+    GRUCell,
+    at_least_float32,
+    dense,
+    glorot_uniform,
+    layer_norm,
+)
 
 # How the attention step turns each slot's attention over the N inputs into weights of the values: Algorithm 1's
 # weighted mean, or a weighted sum divided by N (Krimmel et al. 2024); docs/variants.md
@@ -154,7 +162,7 @@ class SlotAttention(nnx.Module):
         with normalisation "scaled_sum" the sum of v so weighted, divided by N.
         """
         logits = jnp.einsum("bnd,bkd->bkn", k, q)  # [B, K, N]
-        attention = jax.nn.softmax(logits.astype(jnp.float32), axis=1)  # over the slots: they compete for inputs
+        attention = jax.nn.softmax(at_least_float32(logits), axis=1)  # over the slots: they compete for inputs
         weights = attention + epsilon
         if normalisation == "mean":
             weights = weights / jnp.sum(weights, axis=2, keepdims=True)  # [B, K, N], a weighted mean over the inputs
