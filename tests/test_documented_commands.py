@@ -38,27 +38,20 @@ TINY_TRAINING = (
     "--config.resolution=32",
 )
 TINY_EVALUATION = ("--config.num_eval_examples=8", "--config.eval_batch_size=8")
-# scripts that run in seconds as written, or with these settings appended (argparse keeps an option's last value);
-# with a placeholder in the command, their --help
+# scripts that run in seconds as written (or with these arguments appended); with a placeholder, their --help
 QUICK_SCRIPTS = {
     "-m slotjax.convert": (),
     "examples/segment_images.py": (),
     "examples/slot_attention_demo.py": (),
-    "benchmarks/scenes_throughput.py": ("--num-scenes", "32", "--batch-size", "16"),
 }
 # scripts that would run for minutes or download: their --help, after the documented arguments
 HELP_SCRIPTS = {
-    "benchmarks/convergence.py": "trains for the given minutes",
-    "benchmarks/step_time.py": "times many steps of both frameworks",
-    "benchmarks/input_pipeline.py": "writes and times every data set's pipeline",
-    "benchmarks/precision.py": "trains both tasks in several precisions",
-    "benchmarks/generalisation.py": "evaluates a run over many settings",
-    "benchmarks/discovery_diagnostics.py": "scores hundreds of scenes",
     "tests/fuzz.py": "runs many generated cases",
     "-m slotjax.data.prepare": "downloads a data set",
 }
+BENCHMARKS = "tests/test_benchmark_commands.py runs each benchmark command with --help and at a small setting"
 NOT_RUN = {
-    "make": "creates .venv and installs packages; make test is this suite, make run and make bench take minutes",
+    "make": "creates .venv and installs packages; make test is this suite, make run takes minutes",
     "pip": "installs packages",
     "srun": "needs a SLURM cluster",
     "gsutil": "downloads a data set",
@@ -132,7 +125,9 @@ def plan(command: Command) -> Plan | None:
     values = {part.split("/")[0] for word in words for part in word.split("=")}
     placeholders = [why for mark, why in PLACEHOLDERS.items() if mark in values]
     if name in NOT_RUN:
-        return Plan(None, NOT_RUN[name])
+        return Plan(None, BENCHMARKS if words[:2] == ["make", "bench"] else NOT_RUN[name])
+    if name.startswith("benchmarks/"):
+        return Plan(None, BENCHMARKS)
     if name == "train.py":
         if placeholders == [PLACEHOLDERS["DIR"]]:  # flags checked; no data files (or checkpoints) there
             workdirs = tuple(word.partition("=")[2] for word in words if word.startswith("--workdir="))
