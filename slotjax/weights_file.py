@@ -42,18 +42,27 @@ def write(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], metadat
     state_dict = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
     metadata = {**metadata, CHECKSUM_KEY: tensors_checksum(state_dict)}
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ConversionError(
+            f"--output {path!r} is a directory; name the weights file to write (.safetensors or .pt), e.g. "
+            f"{os.path.join(path, 'model.safetensors')!r}."
+        )
     temporary = f"{path}.tmp-{os.getpid()}"
-    if path.endswith((".pt", ".pth")):
-        import torch
+    try:
+        if path.endswith((".pt", ".pth")):
+            import torch
 
-        tensors = {name: torch.tensor(value) for name, value in state_dict.items()}
-        torch.save({"state_dict": tensors, "metadata": metadata}, temporary)
-    else:
-        from safetensors.numpy import save
+            tensors = {name: torch.tensor(value) for name, value in state_dict.items()}
+            torch.save({"state_dict": tensors, "metadata": metadata}, temporary)
+        else:
+            from safetensors.numpy import save
 
-        with open(temporary, "wb") as file:  # open's mode, 0666 less the umask (safetensors' save_file makes 0600)
-            file.write(save(state_dict, metadata=metadata))
-    os.replace(temporary, path)
+            with open(temporary, "wb") as file:  # open's mode, 0666 less the umask (save_file makes 0600)
+                file.write(save(state_dict, metadata=metadata))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):  # a failed write leaves nothing behind
+            os.remove(temporary)
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

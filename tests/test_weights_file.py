@@ -4,11 +4,12 @@ although they are written to a temporary name and renamed."""
 import os
 import stat
 
+import numpy as np
 import pytest
 from flax import nnx
 
 import slotjax
-from slotjax import convert
+from slotjax import convert, weights_file
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
@@ -23,3 +24,13 @@ def test_a_weights_file_has_the_mode_the_umask_gives(tmp_path, suffix, umask):
         os.umask(previous)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
     assert os.listdir(tmp_path) == [path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("suffix", ["", ".pt"])
+def test_writing_over_a_directory_is_refused_in_one_line_and_leaves_nothing(tmp_path, suffix):
+    directory = tmp_path / f"run{suffix}"
+    directory.mkdir()
+    with pytest.raises(weights_file.ConversionError, match=r"is a directory; name the weights file to write"):
+        weights_file.write(directory, {"w": np.zeros(2, np.float32)}, {})
+    assert sorted(path.name for path in tmp_path.iterdir()) == [directory.name]
+    assert list(directory.iterdir()) == []
