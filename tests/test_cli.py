@@ -113,7 +113,7 @@ def train_py(*arguments, **kwargs) -> subprocess.Popen:
 
 
 def test_eval_uses_the_config_saved_with_the_checkpoint(tmp_path):
-    """The README's commands: a run trained with --config.num_slots=5 is evaluated without repeating the flag."""
+    """A run trained with --config.num_slots=5 is evaluated without repeating the flag: the saved config is used."""
     write_run(tmp_path / "run", tiny_config(num_slots=5, num_iterations=1))
     process = train_py("--task=discovery", "--mode=eval", f"--workdir={tmp_path / 'run'}", "--split=test")
     out, err = process.communicate(timeout=600)
