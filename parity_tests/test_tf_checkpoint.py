@@ -25,7 +25,8 @@ from parity_tests.helpers import FORWARD_TOLERANCE, as_numpy, assert_close
 from slotjax import convert, tf_checkpoint
 from slotjax.convert import ConversionError
 from slotjax.train import checkpoints as training_checkpoints
-from slotjax.train.step import initial_state
+from slotjax.train.step import build_model, initial_state
+from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small models with all widths different, so that a transposed or swapped array cannot go unnoticed.
@@ -469,3 +470,22 @@ def test_a_work_directory_exports_back_to_the_same_tensorflow_checkpoint(checkpo
     for name, value in variables.items():
         stored = reader.get_tensor(f"network/layer_with_weights-0/{name}/.ATTRIBUTES/VARIABLE_VALUE")
         np.testing.assert_array_equal(stored, value, err_msg=name)
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_a_round_trip_through_the_tensorflow_layout_keeps_the_config(tmp_path, task):
+    """A model exported with --tf comes back with its own config (slots, resolution, training settings), not the
+    official one the bare layout implies."""
+    config = tiny_config(task, num_slots=11 if task == "set_prediction" else 5, grad_clip_norm=0.5)
+    model = build_model(config)
+    workdir, exported, back = (str(tmp_path / name) for name in ("run", "tf", "back"))
+    convert.write_checkpoint(model, config, 3, workdir)
+    convert.main(["--workdir", workdir, "--output", exported, "--tf"])
+    convert.main(["--input", exported, "--output", back])
+    restored, restored_config, step = convert.restore_model(back, print_fn=lambda line: None)
+    assert step == 3 and restored_config.to_dict() == config.to_dict()
+    images = np.random.default_rng(0).uniform(-1, 1, (2, config.resolution, config.resolution, 3)).astype(np.float32)
+    key = jax.random.key(1)
+    expected, actual = model(images, key=key), restored(images, key=key)
+    for name in expected:
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)

@@ -16,6 +16,7 @@ decoder, the classifier head) are the task's (`Task.tf_names`, `Task.tf_config`)
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ MODEL_PREFIX = "network/layer_with_weights-0/"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 SLOT_MARKER = "/.OPTIMIZER_SLOT/"  # Keras OptimizerV2 slots (Adam's m, v) sit under each model variable's path
 STEP_NAME = "global_step/.ATTRIBUTES/VARIABLE_VALUE"
+CONFIG_FILE = "slotjax_config.json"  # the config of a model slotjax exported, beside the checkpoint
 IGNORED_PREFIXES = ("optimizer/", "global_step/", "save_counter/", "_CHECKPOINTABLE_OBJECT_GRAPH")  # not the model
 
 # How a TF array becomes torch_reference's: Dense [in, out] -> [out, in]; Conv2D kernels [k, k, in, out] and
@@ -276,9 +278,22 @@ def to_state_dict(
 
 
 def read_tf_checkpoint(path: str | os.PathLike, resolution: int | None = None) -> TFCheckpoint:
-    """An official checkpoint (directory or `ckpt-N` prefix) as config, torch_reference state dict and step."""
+    """An official checkpoint (directory or `ckpt-N` prefix) as config, torch_reference state dict and step.
+
+    The config is the one slotjax wrote beside a checkpoint it exported (CONFIG_FILE), so a round trip keeps
+    every setting; else the official config with the widths the variables show."""
     prefix, variables, step = read_variables(path)
     config = infer_config(variables, prefix, resolution)
+    saved = os.path.join(os.path.dirname(prefix), CONFIG_FILE)
+    if os.path.exists(saved):
+        with open(saved) as file:
+            exported = configs.with_defaults(ml_collections.ConfigDict(json.load(file)))
+        if resolution is not None and resolution != exported.resolution:
+            raise ConversionError(
+                f"{prefix!r} was exported from a {exported.resolution}x{exported.resolution} model "
+                f"({CONFIG_FILE}), not {resolution}x{resolution}; leave --resolution out."
+            )
+        config = exported
     return TFCheckpoint(prefix, config, to_state_dict(variables, config, prefix), step)
 
 
@@ -309,4 +324,7 @@ def write_tf_checkpoint(model, config: ml_collections.ConfigDict, step: int, dir
     network = tf.Module()
     setattr(network, MODEL_PREFIX.split("/")[1], layer)
     checkpoint = tf.train.Checkpoint(network=network, global_step=tf.Variable(step, dtype=tf.int64))
-    return tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
+    prefix = tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
+    with open(os.path.join(os.fspath(directory), CONFIG_FILE), "w") as file:  # what the layout cannot hold
+        file.write(config.to_json(indent=1))
+    return prefix
