@@ -84,6 +84,7 @@ def test_a_paper_tensorflow_checkpoint_loads_from_its_directory_and_its_prefix(t
 
     model, config = trained("discovery")
     prefix = tf_checkpoint.write_tf_checkpoint(model, config, STEP, tmp_path / "official")
+    (tmp_path / "official" / tf_checkpoint.CONFIG_FILE).unlink()  # the paper's checkpoints have only TF's files
     images = scene_images(config.resolution, 2)
     counts = dict(num_slots=config.num_slots, num_iterations=config.num_iterations)  # not in TF's checkpoints
     expected = slotjax.predict(model, images, **counts)
