@@ -472,15 +472,18 @@ def test_a_work_directory_exports_back_to_the_same_tensorflow_checkpoint(checkpo
         np.testing.assert_array_equal(stored, value, err_msg=name)
 
 
+@pytest.mark.parametrize("exported", ["tensorflow", "model.safetensors", "model.pt"])
 @pytest.mark.parametrize("task", list(TASKS))
-def test_a_round_trip_through_the_tensorflow_layout_keeps_the_config(tmp_path, task):
-    """A model exported with --tf comes back with its own config (slots, resolution, training settings), not the
-    official one the bare layout implies."""
-    config = tiny_config(task, num_slots=11 if task == "set_prediction" else 5, grad_clip_norm=0.5)
+def test_a_round_trip_through_each_format_keeps_the_config(tmp_path, task, exported):
+    """A model exported to a weights file or with --tf comes back with its own config (slots, resolution, training
+    settings), not the official one a bare layout implies."""
+    config = tiny_config(
+        task, num_slots=11 if task == "set_prediction" else 5, grad_clip_norm=0.5, batch_size=6, learning_rate=3e-4
+    )
     model = build_model(config)
-    workdir, exported, back = (str(tmp_path / name) for name in ("run", "tf", "back"))
+    workdir, exported, back = (str(tmp_path / name) for name in ("run", exported, "back"))
     convert.write_checkpoint(model, config, 3, workdir)
-    convert.main(["--workdir", workdir, "--output", exported, "--tf"])
+    convert.main(["--workdir", workdir, "--output", exported] + (["--tf"] if exported.endswith("tensorflow") else []))
     convert.main(["--input", exported, "--output", back])
     restored, restored_config, step = convert.restore_model(back, print_fn=lambda line: None)
     assert step == 3 and restored_config.to_dict() == config.to_dict()

@@ -27,6 +27,7 @@ from flax import nnx
 from slotjax import configs, tf_checkpoint, weights_file
 from slotjax.tasks import TASKS, task_of
 from slotjax.torch_layout import flax_to_torch, torch_to_flax
+from slotjax.train.runs import model_fields
 from slotjax.weights_file import ConversionError, is_weights_file
 
 
@@ -169,7 +170,8 @@ def weights_to_checkpoint(weights: str, workdir: str) -> str:
 
 def config_from_metadata(metadata: Mapping[str, str], weights: str) -> ml_collections.ConfigDict:
     """The slotjax config of a weights file: the one slotjax saved with it, or, for a file from
-    `torch_reference.save_model`, the paper's config of its task with the model's constructor arguments."""
+    `torch_reference.save_model`, the paper's config of its task with the model's constructor arguments and the
+    training settings saved with it (the paper's where it records none)."""
     try:
         described = {key: json.loads(metadata[key]) for key in ("config", "arguments") if key in metadata}
     except ValueError as error:
@@ -192,6 +194,18 @@ def config_from_metadata(metadata: Mapping[str, str], weights: str) -> ml_collec
     if unknown:
         raise ConversionError(f"{weights!r} names model arguments slotjax does not have: {', '.join(unknown)}.")
     config.update(arguments)
+    try:
+        training = json.loads(metadata.get("training", "{}"))
+    except ValueError as error:
+        raise ConversionError(f"{weights!r} holds damaged metadata (training settings not JSON: {error}).") from error
+    if not isinstance(training, dict):
+        raise ConversionError(f"{weights!r} holds damaged metadata (its training settings are no mapping).")
+    not_training = sorted(set(training) - set(config) | set(training) & set(model_fields(config)))
+    if not_training:
+        raise ConversionError(
+            f"{weights!r} records training settings slotjax does not have: {', '.join(not_training)}."
+        )
+    config.update(training)
     return config
 
 
@@ -259,6 +273,11 @@ def main(argv=None) -> None:
             print(f"Wrote {'the weights' if is_weights_file(written) else 'a checkpoint'} to {written}")
         elif args.input:
             print(f"Wrote a checkpoint to {weights_to_checkpoint(args.input, args.output)}")
+            if not {"config", "training"} & set(load_metadata(args.input)):
+                print(
+                    f"{args.input} records no training settings, so the checkpoint carries the paper's (batch size, "
+                    "learning rate, steps); train.py's --config.FIELD flags set others."
+                )
         elif args.workdir:
             print(f"Wrote {checkpoint_to_weights(args.workdir, args.output, args.step)}")
         else:

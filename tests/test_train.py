@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_reference
-from slotjax import convert, visualize
+from slotjax import configs, convert, visualize
 from slotjax.data import pipeline
 from slotjax.tasks.set_prediction import SET_PREDICTION
 from slotjax.train import checkpoints, losses, runs, trainer
@@ -170,3 +170,27 @@ def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
             np.testing.assert_array_equal(value, trained[name])
     assert saved_config.preset == "official"  # a torch_reference file: the paper's settings, the model's sizes
     assert torch_reference.load_model(torch_weights).arguments == reference.arguments
+
+
+@pytest.mark.parametrize("task", ["discovery", "set_prediction"])
+def test_a_torch_reference_model_converts_with_the_training_settings_saved_with_it(tmp_path, task, capsys):
+    """`save_model(..., training=...)` records how a PyTorch model was trained; its checkpoint continues with that
+    recipe. A file that records none gets the paper's recipe, and the conversion says so."""
+    model = steps.build_model(tiny_config(task))
+    reference = torch_reference.load_model(
+        convert.save_model_weights(model, tiny_config(task), 0, str(tmp_path / "a.pt"))
+    )
+    training = dict(batch_size=12, learning_rate=2e-4, num_train_steps=900, grad_clip_norm=0.25)
+    for name, recorded in (("with", training), ("without", None)):
+        path = torch_reference.save_model(reference, str(tmp_path / f"{name}.safetensors"), step=5, training=recorded)
+        capsys.readouterr()
+        convert.main(["--input", path, "--output", str(tmp_path / name)])
+        _, config, step = convert.restore_model(str(tmp_path / name), print_fn=lambda line: None)
+        assert step == 5 and config.slot_size == reference.arguments["slot_size"]
+        paper = configs.get_config(task, "official")
+        expected = training if recorded else {field: paper[field] for field in training}
+        assert {field: config[field] for field in training} == expected
+        assert ("records no training settings" in capsys.readouterr().out) == (recorded is None)
+    with pytest.raises(convert.ConversionError, match="training settings slotjax does not have: slot_size, speed"):
+        bad = torch_reference.save_model(reference, str(tmp_path / "bad.pt"), training=dict(slot_size=8, speed=1))
+        convert.restore_weights(bad)

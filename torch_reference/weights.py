@@ -8,6 +8,7 @@ arguments.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -33,14 +34,18 @@ def load_model(path: str) -> nn.Module:
     return model
 
 
-def save_model(model: nn.Module, path: str, step: int = 0) -> str:
+def save_model(model: nn.Module, path: str, step: int = 0, training: Mapping[str, object] | None = None) -> str:
     """Writes a SlotAutoencoder or SetPredictor to `path` (.safetensors, or .pt), atomically, with its class name,
     constructor arguments and training `step` as metadata: `load_model` reads it back, and
-    `python -m slotjax.convert --input=PATH --output=RUN_DIR` turns it into a slotjax training checkpoint."""
+    `python -m slotjax.convert --input=PATH --output=RUN_DIR` turns it into a slotjax training checkpoint.
+    `training`: the settings it was trained with, by slotjax's config names (e.g. batch_size, learning_rate,
+    num_train_steps); the checkpoint continues with them (with the paper's where none are given)."""
     name = type(model).__name__
     if name not in MODELS:
         raise TypeError(f"save_model writes {' or '.join(MODELS)} models, not a {name}.")
     state_dict = {key: value.detach().cpu().numpy() for key, value in model.state_dict().items()}
     metadata = {"model": name, "arguments": json.dumps(model.arguments), "step": str(int(step))}
+    if training:
+        metadata["training"] = json.dumps(dict(training))
     weights_file.write(path, state_dict, metadata)
     return path
