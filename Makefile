@@ -15,7 +15,7 @@ TEST_WORKERS ?= 2
 # pages the page faults dominate multi-threaded CPU steps. Ignored elsewhere. (train.py sets it for itself.)
 HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: run test lint bench
+.PHONY: run test test-slow lint bench
 
 $(VENV)/.installed-package: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,8 +30,13 @@ $(VENV)/.installed: $(VENV)/.installed-package
 run: $(VENV)/.installed-package
 	$(PYTHON) train.py --task=discovery $(ARGS)
 
+# `test`: every test but the end-to-end ones marked slow (training to a score, subprocess runs of train.py and
+# the benchmarks, signals, several processes); `test-slow`: those. CI runs both.
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.installed
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,7 @@
 """How far float32 training drifts from float64 training, in slotjax and in torch_reference.
 
     python benchmarks/precision.py [--steps 100] [--batch-size 4] [--resolution 16]
-        [--tasks discovery set_prediction] [--adam-epsilon keras|optax]
+        [--tasks discovery set_prediction] [--adam-epsilon keras|optax] [--seed 0]
 
 Each task's model at its CPU preset (at 16x16 and batch 4 by default: float64 convolutions are slow on a CPU)
 trains from the same weights, on the same batches of the embedded scenes and the same initial-slot noise, with
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4, help="examples per step (the CPU presets: 16, 32)")
     parser.add_argument("--resolution", type=int, default=16, help="image side (the CPU presets: 32)")
     parser.add_argument("--tasks", nargs="+", default=["discovery", "set_prediction"], choices=list(MODELS))
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and slot noise (the scenes stay the same)")
     parser.add_argument(
         "--adam-epsilon", default="keras", choices=["keras", "optax"], help="where Adam adds eps (docs/parity.md)"
     )
@@ -56,9 +57,14 @@ class Task:
     """What both frameworks and both precisions share: a task's configuration, initial model, batches and
     initial-slot noise."""
 
-    def __init__(self, task: str, num_steps: int, batch_size: int, resolution: int, adam_epsilon: str):
+    def __init__(self, task: str, num_steps: int, batch_size: int, resolution: int, adam_epsilon: str, seed: int):
         self.config = config = configs.get_config(task, "cpu")
-        config.batch_size, config.resolution, config.adam_epsilon = batch_size, resolution, adam_epsilon
+        config.batch_size, config.resolution, config.adam_epsilon, config.seed = (
+            batch_size,
+            resolution,
+            adam_epsilon,
+            seed,
+        )
         self.model_class = MODELS[task]
         self.model_arguments = dict(
             resolution=config.resolution,
@@ -79,7 +85,7 @@ class Task:
         for _ in range(num_steps):  # a model with K slots is matched against the first K rows (train.step)
             batch = next(batches)
             self.batches.append({"image": batch["image"], "target": batch["target"][:, : config.num_slots]})
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(seed)
         self.noise = [rng.normal(size=(batch_size, config.num_slots, config.slot_size)) for _ in range(num_steps)]
         self.optimizer = dict(
             learning_rate=config.learning_rate,
@@ -183,7 +189,7 @@ def main(argv=None) -> None:
     reported = [step for step in REPORTED_STEPS if step <= args.steps]
     print(f"{'task':15} {'run':44}" + "".join(f"{step:>9}" for step in reported), flush=True)
     for name in args.tasks:
-        task = Task(name, args.steps, args.batch_size, args.resolution, args.adam_epsilon)
+        task = Task(name, args.steps, args.batch_size, args.resolution, args.adam_epsilon, args.seed)
         jax_float64, torch_float64 = jax_run(task, jnp.float64, "reference"), torch_run(task, torch.float64)
 
         def print_row(label: str, values: list[float], ratio: bool = False) -> None:

@@ -1,5 +1,6 @@
 """benchmarks/discovery_diagnostics.py on a tiny trained run: what it measures, and its refusal of other runs;
-benchmarks/convergence.py on runs that end early: what its summary shows and that it reports them, not fails."""
+benchmarks/convergence.py on runs that end early: what its summary shows and that it reports them, not fails;
+benchmarks/precision.py on two steps: its rows, and the bound it checks."""
 
 import importlib.util
 import os
@@ -133,3 +134,24 @@ def test_convergence_reports_a_run_stopped_before_its_first_evaluation(tmp_path)
     assert "seed 0: no evaluation finished within 0.05 minutes" in result.stdout
     assert "| 0 | not reached | not reached | not reached | - |" in result.stdout
     assert (tmp_path / "convergence.json").exists() and (tmp_path / "convergence.png").exists()
+
+
+@pytest.mark.slow
+def test_precision_compares_each_float32_run_with_its_own_float64_run():
+    """benchmarks/precision.py, two steps of set prediction: both frameworks compute the same float64 training, and
+    slotjax's float32 is no more than twice as far from its float64 as torch_reference's."""
+    script = os.path.join(REPO, "benchmarks", "precision.py")
+    arguments = ["--steps=2", "--batch-size=2", "--tasks", "set_prediction"]
+    result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {}  # run -> its distances after steps 1 and 2
+    for line in result.stdout.splitlines()[1:]:
+        task, *words = line.split()
+        assert task == "set_prediction", line
+        rows[" ".join(words[:-2])] = [float(word) for word in words[-2:]]
+    assert rows["slotjax / torch"][1] <= 2  # the two "slotjax / torch" rows share a label: the last is kept
+    torch_float32 = rows["torch_reference float32"][1]
+    for forms in ("cpu", "reference"):
+        assert 0 < rows[f"slotjax float32, {forms} forms"][1] <= 2 * torch_float32 < 1e-5
+    assert rows["float64, slotjax from torch_reference"][1] < 1e-9
+    assert rows["float64, optax's Adam epsilon"][1] > 1e-8  # the placement of epsilon shows at step 2

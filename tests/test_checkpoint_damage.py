@@ -250,6 +250,7 @@ def test_convert_reads_the_newest_intact_checkpoint_of_a_damaged_run(run_copy):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_command_line_on_damaged_checkpoints(tmp_path):
     """train.py resumes from the intact step 1 after one warning about step 2 (its data file cut short);
     convert refuses a run whose every checkpoint is damaged with one line. Both run side by side."""

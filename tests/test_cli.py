@@ -112,6 +112,7 @@ def train_py(*arguments, **kwargs) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_eval_uses_the_config_saved_with_the_checkpoint(tmp_path):
     """A run trained with --config.num_slots=5 is evaluated without repeating the flag: the saved config is used."""
     write_run(tmp_path / "run", tiny_config(num_slots=5, num_iterations=1))

@@ -44,6 +44,7 @@ def results(tmp_path_factory):
     return fuzz.run_cases(cases, root / "jax_cache", jobs=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SAMPLE)), ids=[f"{kind}-{index}" for index, (kind, _) in enumerate(SAMPLE)])
 def test_fuzz_sample(results, index):
     result = results[index]
