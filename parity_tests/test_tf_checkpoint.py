@@ -393,6 +393,7 @@ def test_command_writes_a_work_directory_that_train_py_evaluates(checkpoints, tm
     assert f"eval validation at step {STEP}: " in result.stdout, result.stdout
 
 
+@pytest.mark.slow
 def test_command_reports_a_missing_variable_in_one_line(tmp_path):
     variables = random_variables("set_prediction")
     del variables["slot_attention/norm_mlp/beta"]

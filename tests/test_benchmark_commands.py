@@ -92,6 +92,7 @@ def test_the_readmes_give_a_command_of_every_benchmark():
     ],
     ids=[" ".join([script, *arguments]) for script, arguments in COMMANDS],
 )
+@pytest.mark.slow
 def test_a_readme_command_answers_help_from_a_fresh_checkout(checkout, script, arguments):
     result = run(checkout, script, [*arguments, "--help"])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -34,6 +34,7 @@ def discovery_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_objects_by_colour_scores_every_object(discovery_run):
     diagnostics = load_script()
     model, config, _ = restore_model(discovery_run, print_fn=lambda line: None)
@@ -46,6 +47,7 @@ def test_objects_by_colour_scores_every_object(discovery_run):
     assert not np.allclose(fg_ari_without, fg_ari)  # leaving objects out changes the score
 
 
+@pytest.mark.slow
 def test_colour_keys_compares_every_colour(discovery_run):
     diagnostics = load_script()
     model, config, _ = restore_model(discovery_run, print_fn=lambda line: None)
@@ -66,6 +68,7 @@ def run_script(workdir: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_refuses_a_set_prediction_run(tmp_path):
     workdir = str(tmp_path)
     trainer.train_and_evaluate(tiny_config("set_prediction", num_train_steps=3), workdir, print_fn=lambda line: None)

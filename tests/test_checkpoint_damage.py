@@ -231,6 +231,7 @@ def test_convert_input_into_a_run_with_a_newer_step_of_the_same_model_adds_it(ru
     assert checkpoints.verify_checkpoint(workdir, 7) is None
 
 
+@pytest.mark.slow
 def test_convert_reads_the_newest_intact_checkpoint_of_a_damaged_run(run_copy):
     workdir, weights = run_copy
     convert.weights_to_checkpoint(weights(7), workdir)

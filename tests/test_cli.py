@@ -174,6 +174,7 @@ def huge_pages_help() -> bool:
     return libc == "glibc" and tuple(map(int, version.split(".")[:2])) >= (2, 35) and madvise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tunables", ["", "glibc.malloc.hugetlb=0", "glibc.malloc.arena_max=2"])
 def test_train_py_restarts_itself_with_huge_pages_only_where_they_help(tunables):
     """The command prints GLIBC_TUNABLES, then runs train.py (which refuses --task=nope): a restart runs it twice."""

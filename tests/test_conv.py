@@ -253,6 +253,7 @@ print(json.dumps({"devices": jax.device_count(), "chunks": cpu.kernel_grad_chunk
 """
 
 
+@pytest.mark.slow
 def test_kernel_gradient_in_chunks_keeps_each_devices_images():
     """On a batch sharded over 2 devices, each device sums its own images: no images move between devices."""
     result = run_python(SHARDED_KERNEL_GRADIENT, xla_flags="--xla_force_host_platform_device_count=2")

@@ -201,6 +201,7 @@ def clevr_indices(targets: np.ndarray) -> list[int]:
     return np.rint(targets[:, 0, 0] * 1000).astype(int).tolist()
 
 
+@pytest.mark.slow
 def test_clevr_train_eval_is_the_first_512_train_scenes_and_train_the_rest(clevr_dir):
     def indices(split):
         return clevr_indices(
@@ -576,6 +577,7 @@ def test_argument_errors():
         datasets.make_dataset("clevr", "/data", "eval", task="discovery", resolution=64, batch_size=8)
 
 
+@pytest.mark.slow
 def test_training_runs_on_a_deepmind_file_with_fg_ari(tmp_path, small_splits):
     """train_and_evaluate on multi_dsprites records: ground-truth masks feed FG-ARI."""
     from slotjax.train import trainer

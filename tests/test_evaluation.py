@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from slotjax import convert
@@ -30,6 +31,7 @@ def run(*arguments, cwd=REPO) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_eval_with_more_slots_iterations_and_objects_says_what_was_trained_and_what_is_tested(tmp_path):
     write_run(tmp_path, tiny_config(num_slots=4, num_iterations=2, min_objects=2, max_objects=3))
     overrides = ["--config.num_slots=11", "--config.num_iterations=5", "--config.min_objects=7"]
@@ -58,6 +60,7 @@ def test_eval_refuses_a_setting_that_changes_a_parameter_in_one_line(tmp_path):
     assert len(lines) == 1 and "belongs to another model (slot_size: checkpoint 16 vs now 32)" in lines[0]
 
 
+@pytest.mark.slow
 def test_the_generalisation_benchmark_tabulates_and_draws_each_setting(tmp_path):
     write_run(tmp_path, tiny_config(num_slots=4, num_iterations=2))
     arguments = ["--num-examples=8", "--objects", "2", "5", "--slots", "4", "6", "--iterations", "1", "2"]

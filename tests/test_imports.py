@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_cpu_devices import REPO
 
 BUILD_AND_RUN = """
@@ -24,6 +26,7 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in ("tensorflow"
 """
 
 
+@pytest.mark.slow
 def test_models_build_and_run_without_importing_tensorflow():
     result = subprocess.run(
         [sys.executable, "-c", BUILD_AND_RUN],

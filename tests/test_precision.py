@@ -36,6 +36,7 @@ def operand_dtypes(jaxpr) -> Counter:
     return counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["discovery", "set_prediction"])
 def test_bfloat16_computes_in_bfloat16_and_trains_close_to_float32(task):
     reference, _, _ = train_losses(task)
@@ -61,6 +62,7 @@ def rematerialisations(run: trainer.Trainer, state: steps.TrainState) -> int:
     return sum(count for (primitive, _), count in counts.items() if primitive.startswith(("remat", "checkpoint")))
 
 
+@pytest.mark.slow
 def test_rematerialised_decoder_gives_the_same_training():
     reference, reference_run, reference_state = train_losses("discovery")
     losses, run, state = train_losses("discovery", remat_decoder=True)

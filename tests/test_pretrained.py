@@ -66,6 +66,7 @@ def test_a_loaded_model_computes_what_the_saved_one_did(saved, source):
         np.testing.assert_array_equal(outputs[name], expected[name], err_msg=name)
 
 
+@pytest.mark.slow
 def test_step_chooses_a_checkpoint_of_a_work_directory(tmp_path):
     first, config = trained("discovery")
     second = build_model(config, seed=SEED + 1)

@@ -191,6 +191,7 @@ def all_finite(tree) -> bool:
     return all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     # the NaN step would end at step 4, a checkpoint step: the NaN state must not be saved
     config = tiny_config(num_iterations=1, num_train_steps=6, checkpoint_every=2, eval_every=100)
@@ -204,6 +205,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint
     assert all_finite(restore(tmp_path, config, 2).params)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_goes_on_with_the_parameters_before_the_bad_batch(tmp_path, monkeypatch):
     config = tiny_config(
         num_iterations=1,
@@ -232,6 +234,7 @@ def test_nonfinite_loss_skip_goes_on_with_the_parameters_before_the_bad_batch(tm
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(skipped.params), jax.tree.leaves(after.params)))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skip_stops_after_too_many_bad_batches_in_a_row(tmp_path, monkeypatch):
     """A model that is non-finite on every batch does not skip forever, and its checkpoints stay the good ones."""
     config = tiny_config(
@@ -929,6 +932,7 @@ def bad_command_results(tmp_path_factory, subprocess_env):
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAD_COMMANDS))
 def test_bad_command_line_gives_one_message_and_a_failure_status(bad_command_results, name):
     code, out, err = bad_command_results[name]

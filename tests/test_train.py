@@ -23,6 +23,7 @@ def read_metrics(workdir, split="train"):
         return [row for row in map(json.loads, file) if row["split"] == split]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["discovery", "set_prediction"])
 def test_training_writes_metrics_events_pictures_and_checkpoints(tmp_path, task):
     config = tiny_config(task)
@@ -62,6 +63,7 @@ def test_evaluation_pictures_label_their_columns():
     assert tile >= visualize.MIN_TILE_SIZE  # 16-pixel images are enlarged so that the labels fit
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
     """SIGINT after step 4 saves and exits; the same call again continues at step 5 exactly as an unbroken run."""
     config = tiny_config(num_train_steps=8, checkpoint_every=100, eval_every=100)
@@ -91,6 +93,7 @@ def test_a_stopped_run_resumes_with_the_same_losses(tmp_path):
         assert row["loss"] == unbroken[row["step"]], row["step"]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused_and_training_settings_follow_the_config(tmp_path):
     trainer.train_and_evaluate(tiny_config(num_train_steps=3), str(tmp_path), print_fn=lambda line: None)
     with pytest.raises(trainer.TrainingError, match=r"belongs to another model \(slot_size: checkpoint 16 vs now 8\)"):
@@ -129,6 +132,7 @@ def test_set_prediction_with_as_many_slots_as_objects_matches_the_first_rows():
     np.testing.assert_allclose(loss, losses.hungarian_huber_loss(outputs["predictions"], batch["target"][:, :3]))
 
 
+@pytest.mark.slow
 def test_evaluation_and_conversion_from_a_checkpoint(tmp_path):
     config = tiny_config(num_train_steps=3)
     workdir = str(tmp_path / "run")

@@ -22,6 +22,7 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, fields", VARIANTS)
 def test_a_variant_field_reaches_the_model_and_trains(task, fields):
     config = tiny_config(task, num_train_steps=2, **fields)
