@@ -37,7 +37,13 @@ from torch_reference.train.optim import make_optimizer as make_torch_optimizer
 
 REPORTED_STEPS = (1, 2, 5, 10, 20, 50, 100)
 MODELS = {"discovery": "SlotAutoencoder", "set_prediction": "SetPredictor"}  # the same in both frameworks
+MODEL_ARGUMENTS = ("resolution", "num_slots", "num_iterations", "slot_size", "encoder_features", "mlp_hidden_size")
 Snapshots = dict[int, dict[str, np.ndarray]]  # step -> parameters (torch names) after it, in float64
+
+
+def fields(config, *names: str) -> dict:
+    """The config's values of `names`, by name."""
+    return {name: config[name] for name in names}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,25 +65,10 @@ class Task:
 
     def __init__(self, task: str, num_steps: int, batch_size: int, resolution: int, adam_epsilon: str, seed: int):
         self.config = config = configs.get_config(task, "cpu")
-        config.batch_size, config.resolution, config.adam_epsilon, config.seed = (
-            batch_size,
-            resolution,
-            adam_epsilon,
-            seed,
-        )
+        config.update(batch_size=batch_size, resolution=resolution, adam_epsilon=adam_epsilon, seed=seed)
         self.model_class = MODELS[task]
-        self.model_arguments = dict(
-            resolution=config.resolution,
-            num_slots=config.num_slots,
-            num_iterations=config.num_iterations,
-            slot_size=config.slot_size,
-            encoder_features=config.encoder_features,
-            mlp_hidden_size=config.mlp_hidden_size,
-        )
-        if task == "discovery":
-            self.model_arguments["decoder_features"] = config.decoder_features
-        else:
-            self.model_arguments["head_hidden_size"] = config.head_hidden_size
+        head = "decoder_features" if task == "discovery" else "head_hidden_size"
+        self.model_arguments = fields(config, *MODEL_ARGUMENTS, head)
         model = getattr(slotjax, self.model_class)(**self.model_arguments, rngs=nnx.Rngs(config.seed))
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         batches = pipeline.train_batches(config, 0)
@@ -87,13 +78,7 @@ class Task:
             self.batches.append({"image": batch["image"], "target": batch["target"][:, : config.num_slots]})
         rng = np.random.default_rng(seed)
         self.noise = [rng.normal(size=(batch_size, config.num_slots, config.slot_size)) for _ in range(num_steps)]
-        self.optimizer = dict(
-            learning_rate=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            decay_steps=config.decay_steps,
-            decay_rate=config.decay_rate,
-            adam_epsilon=config.adam_epsilon,
-        )
+        self.optimizer = fields(config, "learning_rate", "warmup_steps", "decay_steps", "decay_rate", "adam_epsilon")
 
 
 def jax_run(task: Task, dtype, forms: str, adam_epsilon: str | None = None) -> Snapshots:
