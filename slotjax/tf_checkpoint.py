@@ -325,6 +325,8 @@ def write_tf_checkpoint(model, config: ml_collections.ConfigDict, step: int, dir
     setattr(network, MODEL_PREFIX.split("/")[1], layer)
     checkpoint = tf.train.Checkpoint(network=network, global_step=tf.Variable(step, dtype=tf.int64))
     prefix = tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
-    with open(os.path.join(os.fspath(directory), CONFIG_FILE), "w") as file:  # what the layout cannot hold
+    saved = os.path.join(os.fspath(directory), CONFIG_FILE)  # what the layout cannot hold
+    with open(f"{saved}.tmp-{os.getpid()}", "w") as file:
         file.write(config.to_json(indent=1))
+    os.replace(file.name, saved)  # whole or not at all
     return prefix
