@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 import torch
 
-from slotjax.train.optim import learning_rate_schedule, make_optimizer
+from slotjax.train.optim import bias_correction, learning_rate_schedule, make_optimizer
 from torch_reference.train.optim import make_optimizer as make_torch_optimizer
 
 SCHEDULE = dict(learning_rate=4e-4, warmup_steps=10, decay_steps=50)  # warm-up and decay both act in 100 steps
@@ -125,3 +125,16 @@ def test_unknown_placement_is_refused():
         make_optimizer(**SCHEDULE, adam_epsilon="adamw")
     with pytest.raises(ValueError, match="adam_epsilon='adamw' is unknown; use 'keras'"):
         make_torch_optimizer([torch.nn.Parameter(torch.zeros(1))], **SCHEDULE, adam_epsilon="adamw")
+
+
+
+def test_bias_correction_keeps_float32_precision():
+    """1 - decay^t in float32 is within a few roundings of float64's, for the decay the moments apply (1 minus
+    the float32 of 1 - decay); `1 - decay**t` in float32 is not: 0.999 rounds to 0.99900001."""
+    t = np.arange(1, 20_001)
+    for decay in (BETA_1, BETA_2):
+        exact = 1 - (1 - np.float64(np.float32(1 - decay))) ** t
+        corrected = np.float64(bias_correction(decay, jnp.asarray(t, jnp.float32)))
+        assert np.max(np.abs(corrected / exact - 1)) < 5e-7, decay
+    plain = np.float64(1 - jnp.float32(BETA_2) ** jnp.asarray(t, jnp.float32))
+    assert np.max(np.abs(plain / exact - 1)) > 1e-5

@@ -42,11 +42,20 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -
 
         def direction(m, v):
             t = count.astype(m.dtype)  # the bias corrections in the moments' precision (float64 runs stay float64)
-            return m * (jnp.sqrt(1 - b2**t) / (1 - b1**t)) / (jnp.sqrt(v) + eps)
+            return m * (jnp.sqrt(bias_correction(b2, t)) / bias_correction(b1, t)) / (jnp.sqrt(v) + eps)
 
         return jax.tree.map(direction, mu, nu), optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init, update)
+
+
+def bias_correction(decay: float, t: jax.Array) -> jax.Array:
+    """1 - decay^t, for the decay the moments apply: 1 - (1 - decay) in t's precision, as `update` rounds it.
+
+    Written as -expm1(t * log1p(-(1 - decay))): `1 - decay**t` in float32 cancels (0.999 rounds to 0.99900001,
+    so 1 - 0.999**1 is 1.3e-5 from the moments' 0.001) and would scale the early steps by 6e-6.
+    """
+    return -jnp.expm1(t * jnp.log1p(-jnp.asarray(1 - decay, t.dtype)))
 
 
 def make_optimizer(
