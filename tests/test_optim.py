@@ -127,7 +127,6 @@ def test_unknown_placement_is_refused():
         make_torch_optimizer([torch.nn.Parameter(torch.zeros(1))], **SCHEDULE, adam_epsilon="adamw")
 
 
-
 def test_bias_correction_keeps_float32_precision():
     """1 - decay^t in float32 is within a few roundings of float64's, for the decay the moments apply (1 minus
     the float32 of 1 - decay); `1 - decay**t` in float32 is not: 0.999 rounds to 0.99900001."""
