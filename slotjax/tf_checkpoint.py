@@ -26,7 +26,7 @@ import numpy as np
 from slotjax import configs
 from slotjax.tasks import TASKS, Task, task_of
 from slotjax.torch_layout import flax_to_torch, torch_shapes, torch_to_flax
-from slotjax.weights_file import ConversionError
+from slotjax.weights_file import ConversionError, written_whole
 
 MODEL_PREFIX = "network/layer_with_weights-0/"
 VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -325,8 +325,7 @@ def write_tf_checkpoint(model, config: ml_collections.ConfigDict, step: int, dir
     setattr(network, MODEL_PREFIX.split("/")[1], layer)
     checkpoint = tf.train.Checkpoint(network=network, global_step=tf.Variable(step, dtype=tf.int64))
     prefix = tf.train.CheckpointManager(checkpoint, os.fspath(directory), max_to_keep=5).save()
-    saved = os.path.join(os.fspath(directory), CONFIG_FILE)  # what the layout cannot hold
-    with open(f"{saved}.tmp-{os.getpid()}", "w") as file:
-        file.write(config.to_json(indent=1))
-    os.replace(file.name, saved)  # whole or not at all
+    with written_whole(os.path.join(os.fspath(directory), CONFIG_FILE)) as temporary:  # what the layout cannot hold
+        with open(temporary, "w") as file:
+            file.write(config.to_json(indent=1))
     return prefix

@@ -8,6 +8,7 @@ knows no model. torch is imported only for .pt files.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Mapping
@@ -47,8 +48,7 @@ def write(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], metadat
             f"--output {path!r} is a directory; name the weights file to write (.safetensors or .pt), e.g. "
             f"{os.path.join(path, 'model.safetensors')!r}."
         )
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
+    with written_whole(path) as temporary:
         if path.endswith((".pt", ".pth")):
             import torch
 
@@ -59,9 +59,18 @@ def write(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray], metadat
 
             with open(temporary, "wb") as file:  # open's mode, 0666 less the umask (save_file makes 0600)
                 file.write(save(state_dict, metadata=metadata))
+
+
+@contextlib.contextmanager
+def written_whole(path: str):
+    """A temporary path beside `path` to write to: renamed to `path` when the block ends, removed if it fails, so
+    `path` holds a whole file or what it held before."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield temporary
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):  # a failed write leaves nothing behind
+        if os.path.exists(temporary):
             os.remove(temporary)
 
 
